@@ -1,0 +1,109 @@
+"""Ops for the converted layers, as functions; one dispatcher per op.
+
+Backends:
+    ``reference``  naive fp32 loops (``reference.py``), the ground truth for tests
+    ``chunked``    chunked PyTorch (``chunked.py``), the path everywhere without a GPU
+    ``triton``     Triton kernels (``linearize.kernels.triton``), picked for CUDA tensors
+
+``backend=None`` picks Triton for CUDA tensors when Triton imports, else chunked. The environment
+variable ``LINEARIZE_KERNEL_BACKEND`` overrides the automatic choice (for tests and benchmarks).
+
+This package imports only torch (and Triton, lazily): nothing from transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+
+from .validate import check_gla_inputs, check_swa_inputs
+
+BACKENDS = ("reference", "chunked", "triton")
+BACKEND_ENV = "LINEARIZE_KERNEL_BACKEND"
+
+
+@lru_cache(maxsize=1)
+def _triton_ops() -> ModuleType | None:
+    """The Triton ops module, or None where Triton (or the module) is not importable.
+
+    Imported by name so a checkpoint's exported modeling code (which has no Triton files of its
+    own) picks the kernels up from an installed ``linearize`` and falls back to chunked without it.
+    """
+    try:
+        return importlib.import_module("linearize.kernels.triton")
+    except ImportError:
+        return None
+
+
+def resolve_backend(backend: str | None, like: torch.Tensor) -> str:
+    """The backend an op runs on: the explicit one, the environment's, or the automatic choice."""
+    backend = backend or os.environ.get(BACKEND_ENV) or None
+    if backend is None:
+        return "triton" if like.is_cuda and _triton_ops() is not None else "chunked"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "triton" and _triton_ops() is None:
+        raise ImportError("the 'triton' kernel backend needs the triton package: pip install triton")
+    return backend
+
+
+def _module(backend: str) -> ModuleType:
+    if backend == "triton":
+        return _triton_ops()
+    return importlib.import_module(f".{backend}", __name__)
+
+
+def gated_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated linear attention ``S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t``, ``o_t = scale·q_t S_t``.
+
+    q: [B, T, H, K]; k, g: [B, T, Hkv, K]; v: [B, T, Hkv, V]; initial_state: [N, Hkv, K, V];
+    cu_seqlens: [N + 1] (B == 1). Returns o [B, T, H, V] (q.dtype) and the fp32 final state
+    [N, Hkv, K, V] when ``output_final_state``. ``scale`` defaults to K**-0.5.
+    """
+    check_gla_inputs(q, k, v, g, initial_state, cu_seqlens)
+    name = resolve_backend(backend, q)
+    fn = getattr(_module(name), "gated_linear_attention" if name != "reference" else "gated_linear_attention_ref")
+    return fn(
+        q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
+    )
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax attention over the last ``window`` keys, the query's own included.
+
+    q: [B, Tq, H, D]; k, v: [B, Tk, Hkv, D], Tk >= Tq (queries are the last Tq positions);
+    key_mask: [B, Tk] bool; sinks: [H] or [H, M] denominator-only logits.
+    Returns o [B, Tq, H, D] (q.dtype) and lse [B, Tq, H] (fp32).
+    """
+    check_swa_inputs(q, k, v, window, key_mask, sinks)
+    name = resolve_backend(backend, q)
+    fn = getattr(_module(name), "sliding_window_attention" if name != "reference" else "sliding_window_attention_ref")
+    return fn(q, k, v, window=window, scale=scale, key_mask=key_mask, sinks=sinks)
+
+
+__all__ = ["BACKENDS", "gated_linear_attention", "resolve_backend", "sliding_window_attention"]
