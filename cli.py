@@ -1,0 +1,122 @@
+"""`linearize` command line: parses a verb and calls one library function. No logic of its own.
+
+Each verb has an ``_add_<verb>(subparsers)`` that declares its arguments and a ``_run_<verb>(args)``
+that calls the library. Errors the user can fix (``ValueError``, ``FileNotFoundError``,
+``linearize.errors.LinearizeError``) are shown as one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="replace every attention layer of a model with a gated linear + sliding-window hybrid",
+        description="Convert a pretrained decoder into a linearized checkpoint folder.",
+    )
+    p.add_argument(
+        "model", nargs="?", default=None,
+        help="hub id, local HF folder, .gguf file, or 'smollm2-135m' (the offline default, used when left out)",
+    )
+    p.add_argument("--out", required=True, help="output folder for the converted checkpoint")
+    from linearize.config import ConversionConfig, FEATURE_MAPS, GATES, MIXERS, MIXES, NORMALIZERS
+
+    defaults = ConversionConfig.__dataclass_fields__
+    p.add_argument("--mixer", choices=MIXERS, default="liger", help="mixer for converted layers (default: liger)")
+    p.add_argument("--gate", choices=GATES, default=None, help="decay gate (default: the mixer's; liger: gla)")
+    p.add_argument("--tau", dest="gate_logit_normalizer", type=float, default=None,
+                   help="gate logit normalizer τ (default: 16 for liger)")
+    p.add_argument("--feature-map", choices=FEATURE_MAPS, default=None, help="feature map of the linear branch")
+    p.add_argument("--window", type=int, default=None, help="sliding window in tokens (liger 64, lizard 128)")
+    p.add_argument("--no-window", dest="use_window", action="store_false", default=None,
+                   help="drop the sliding-window branch (linear attention only)")
+    p.add_argument("--mix", choices=MIXES, default=None, help="fixed or learned per-head branch weights")
+    p.add_argument("--window-weight", type=float, default=None, help="weight of the window branch (liger 0.5)")
+    p.add_argument("--normalizer", choices=NORMALIZERS, default=None, help="denominator of the linear branch")
+    p.add_argument("--sinks", dest="num_sinks", type=int, default=None, help="learned sink logits per head")
+    p.add_argument("--keep-softmax", dest="keep_softmax_layers", default="",
+                   help="comma-separated layer indices kept as softmax attention, e.g. 0,6,12")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights (default: float32)")
+    del defaults
+
+
+def _run_convert(args) -> None:
+    import linearize
+    from linearize.config import ConversionConfig
+
+    keep = [int(x) for x in args.keep_softmax_layers.split(",") if x.strip()]
+    fields = ("mixer", "gate", "gate_logit_normalizer", "feature_map", "window", "use_window", "mix",
+              "window_weight", "normalizer", "num_sinks")
+    config = ConversionConfig(keep_softmax_layers=keep, **{f: getattr(args, f) for f in fields})
+    out = linearize.convert_to_folder(args.model, args.out, config, dtype=args.dtype)
+    logging.getLogger("linearize").info("converted checkpoint written to %s", out)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="stream text from a converted (or any) checkpoint")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint folder, hub id, .gguf or 'smollm2-135m'")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_generate(args) -> None:
+    import linearize
+
+    for piece in linearize.generate_stream(
+        args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, num_beams=args.num_beams, chat=args.chat, seed=args.seed,
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+VERBS = ("convert", "generate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="linearize",
+        description="Convert pretrained Hugging Face LLMs into gated linear-recurrent hybrids, "
+        "finetune, evaluate and publish them.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb in VERBS:
+        globals()[f"_add_{verb}"](sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from linearize.errors import LinearizeError
+
+    try:
+        globals()[f"_run_{args.verb}"](args)
+    except (LinearizeError, ValueError, FileNotFoundError) as err:
+        if args.verbose:
+            raise
+        print(f"linearize {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"linearize {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Errors a user can act on; the CLI shows their message as one line."""
+
+
+class LinearizeError(Exception):
+    """Base class for errors that carry a message telling the user what to do."""
+
+
+class UnsupportedArchitectureError(LinearizeError, ValueError):
+    """The model's architecture has no entry in ``linearize.arch``."""
+
+
+class SourceNotFoundError(LinearizeError, FileNotFoundError):
+    """A model source (hub id, folder, gguf) could not be resolved offline."""
