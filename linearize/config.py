@@ -30,7 +30,7 @@ MIXER_DEFAULTS: dict[str, dict[str, Any]] = {
     # normalized linear branch, window 128 with m = 4 learned meta-memory sinks, learned α.
     "lizard": dict(
         gate="learned", gate_logit_normalizer=1.0, feature_map="hedgehog", window=128, use_window=True,
-        mix="learned", window_weight=1.0, normalizer="separate", num_sinks=4,
+        mix="learned", window_weight=0.5, normalizer="separate", num_sinks=4,
     ),
     # The layer is left as the teacher's softmax attention.
     "softmax": dict(
@@ -67,10 +67,11 @@ class ConversionConfig:
     use_window: bool | None = None
     """Keep the sliding-window softmax branch (False: linear branch only)."""
     mix: str | None = None
-    """``fixed``: o = w·o_window + (1 − w)·o_linear with w = ``window_weight``; ``learned``: one weight
-    per head initialised to ``window_weight`` (Lizard's α: o = o_linear + α·o_window)."""
+    """``fixed``: o = w·o_window + (1 − w)·o_linear with w = ``window_weight``; ``learned``: w = σ(a) per
+    head, a initialised so that w starts at ``window_weight`` (Lizard's learned α, kept summing to 1
+    with the linear branch's weight because Liger reports that this matters)."""
     window_weight: float | None = None
-    """Weight of the window branch (Liger: 0.5, and the two weights sum to 1; Lizard's α starts at 1)."""
+    """Weight of the window branch (Liger: 0.5; the two branch weights sum to 1)."""
     normalizer: str | None = None
     """Linear-branch denominator: ``none`` (Liger), ``separate`` o = φqᵀS / φqᵀz (Lizard), or ``shared``
     one softmax-style denominator across window and linear parts (LoLCATs)."""

@@ -20,6 +20,9 @@ from types import ModuleType
 
 import torch
 
+from .chunked import gated_linear_attention as chunked_gla
+from .chunked import sliding_window_attention as chunked_swa
+from .reference import gated_linear_attention_ref, sliding_window_attention_ref
 from .validate import check_gla_inputs, check_swa_inputs
 
 BACKENDS = ("reference", "chunked", "triton")
@@ -51,10 +54,17 @@ def resolve_backend(backend: str | None, like: torch.Tensor) -> str:
     return backend
 
 
-def _module(backend: str) -> ModuleType:
+def _op(backend: str, op: str):
+    """The function implementing ``op`` ("gla" or "swa") on ``backend``."""
     if backend == "triton":
-        return _triton_ops()
-    return importlib.import_module(f".{backend}", __name__)
+        return getattr(_triton_ops(), {"gla": "gated_linear_attention", "swa": "sliding_window_attention"}[op])
+    table = {
+        ("chunked", "gla"): chunked_gla,
+        ("chunked", "swa"): chunked_swa,
+        ("reference", "gla"): gated_linear_attention_ref,
+        ("reference", "swa"): sliding_window_attention_ref,
+    }
+    return table[backend, op]
 
 
 def gated_linear_attention(
@@ -76,8 +86,7 @@ def gated_linear_attention(
     [N, Hkv, K, V] when ``output_final_state``. ``scale`` defaults to K**-0.5.
     """
     check_gla_inputs(q, k, v, g, initial_state, cu_seqlens)
-    name = resolve_backend(backend, q)
-    fn = getattr(_module(name), "gated_linear_attention" if name != "reference" else "gated_linear_attention_ref")
+    fn = _op(resolve_backend(backend, q), "gla")
     return fn(
         q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
@@ -101,8 +110,7 @@ def sliding_window_attention(
     Returns o [B, Tq, H, D] (q.dtype) and lse [B, Tq, H] (fp32).
     """
     check_swa_inputs(q, k, v, window, key_mask, sinks)
-    name = resolve_backend(backend, q)
-    fn = getattr(_module(name), "sliding_window_attention" if name != "reference" else "sliding_window_attention_ref")
+    fn = _op(resolve_backend(backend, q), "swa")
     return fn(q, k, v, window=window, scale=scale, key_mask=key_mask, sinks=sinks)
 
 

@@ -1,0 +1,209 @@
+"""The converted attention layer: gated linear attention + sliding-window softmax attention.
+
+One module covers Liger (key-reused gates, fixed 0.5/0.5 mix, no denominator) and Lizard (learned
+scalar gate, Hedgehog feature maps, normalized linear branch, sinks, learned mix); the
+``ConversionConfig`` picks the parts. The pretrained ``q_proj``/``k_proj``/``v_proj``/``o_proj``
+(and ``q_norm``/``k_norm``) are reused under their original names, so teacher weights load as they
+are and LoRA targets carry over.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..cache import hybrid_layer
+from ..config import ConversionConfig
+from ..kernels import gated_linear_attention, sliding_window_attention
+from .parts import HedgehogFeatureMap, apply_rope, key_gate
+
+# Keyword the model's forward pre-hook uses to hand the 2D padding mask [B, past + T] down to the
+# mixers (decoder layers pass unknown keyword arguments on to their attention module).
+PADDING_MASK_KWARG = "linearize_padding_mask"
+# Lizard's gate starts slow: σ(bias) ≈ 0.98 (a few hundred tokens of memory).
+LEARNED_GATE_BIAS_INIT = 4.0
+# Smallest linear-branch denominator (normalized variants), as in flash-linear-attention.
+DENOMINATOR_EPS = 1e-6
+
+
+class HybridAttention(nn.Module):
+    """Drop-in replacement for a decoder's attention module. Shapes: x [B, T, hidden]."""
+
+    def __init__(self, teacher: nn.Module, config: ConversionConfig, layer_idx: int, qk_norm: bool):
+        super().__init__()
+        self.cfg = config
+        self.layer_idx = layer_idx
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            teacher.q_proj, teacher.k_proj, teacher.v_proj, teacher.o_proj
+        )
+        self.q_norm = teacher.q_norm if qk_norm else None
+        self.k_norm = teacher.k_norm if qk_norm else None
+        self.head_dim = teacher.head_dim
+        self.num_heads = self.q_proj.out_features // self.head_dim
+        self.num_kv_heads = self.k_proj.out_features // self.head_dim
+        self.scaling = float(teacher.scaling)
+        self.hidden_size = self.q_proj.in_features
+        # Teacher's own softmax window (Gemma3 local layers), used by teacher_forward only.
+        self.teacher_sliding_window = getattr(teacher, "sliding_window", None)
+        self.run_as_teacher = False
+
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if config.feature_map == "hedgehog":
+            self.feature_map_q = HedgehogFeatureMap(H, D)
+            self.feature_map_k = HedgehogFeatureMap(Hkv, D)
+        if config.gate == "learned":
+            self.gate_proj = nn.Linear(self.hidden_size, Hkv)  # γ = σ(W_γ x), one per token and kv head
+            nn.init.zeros_(self.gate_proj.weight)
+            nn.init.constant_(self.gate_proj.bias, LEARNED_GATE_BIAS_INIT)
+        if config.mix == "learned":
+            w = torch.full((H,), float(config.window_weight))
+            self.window_logit = nn.Parameter(torch.logit(w.clamp(1e-4, 1 - 1e-4)))  # w = σ(logit), per head
+        if config.num_sinks:
+            self.sinks = nn.Parameter(torch.zeros(H, config.num_sinks))  # meta-memory logits
+        ref = self.q_proj.weight
+        for p in self.new_parameters():
+            p.data = p.data.to(device=ref.device, dtype=ref.dtype if p.dim() > 1 else torch.float32)
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Parameters the conversion added (trained by attention transfer)."""
+        reused = {id(p) for m in (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.q_norm, self.k_norm)
+                  if m is not None for p in m.parameters()}
+        return [p for p in self.parameters() if id(p) not in reused]
+
+    # --- projections ----------------------------------------------------------------------------
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def _window_weight(self, dtype) -> torch.Tensor:
+        if self.cfg.mix == "learned":
+            return torch.sigmoid(self.window_logit).to(dtype)[:, None]  # [H, 1]
+        return torch.tensor(self.cfg.window_weight, dtype=dtype)
+
+    # --- forward --------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        cache=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        cache = cache if cache is not None else past_key_values
+        if self.run_as_teacher:
+            if cache is not None and kwargs.get("use_cache", True):
+                raise ValueError("teacher_attention() runs without a cache: call the model with use_cache=False")
+            return self.teacher_forward(hidden_states, position_embeddings, attention_mask), None
+        padding = kwargs.get(PADDING_MASK_KWARG)
+        return self.hybrid_forward(hidden_states, position_embeddings, padding, cache), None
+
+    def hybrid_forward(self, x, position_embeddings, padding_mask=None, cache=None) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x)
+        valid = self._new_key_valid(padding_mask, B, T, x.device)  # [B, T] bool
+        layer = hybrid_layer(cache, self.layer_idx, cfg.window) if cache is not None else None
+
+        # Gated linear branch (no RoPE).
+        if cfg.gate == "learned":
+            log_g = F.logsigmoid(self.gate_proj(x).float()).unsqueeze(-1) / cfg.gate_logit_normalizer  # [B,T,Hkv,1]
+        else:
+            log_g = key_gate(k, cfg.gate, cfg.gate_logit_normalizer)  # [B, T, Hkv, D or 1]
+        if cfg.feature_map == "hedgehog":
+            fq, fk = self.feature_map_q(q), self.feature_map_k(k)  # [B, T, H|Hkv, 2D]
+        else:
+            fq, fk = q.softmax(dim=-1), k.softmax(dim=-1)  # [B, T, H|Hkv, D]
+        if cfg.gate == "hgrn2":
+            fk = (1 - log_g.exp()).to(fk.dtype)  # HGRN2: the key is the complement of the forget gate
+        F_dim = fk.shape[-1]
+        if log_g.shape[-1] == 1:
+            log_g = log_g.expand(-1, -1, -1, F_dim)
+        elif log_g.shape[-1] != F_dim:
+            log_g = log_g.repeat(1, 1, 1, F_dim // log_g.shape[-1])  # hedgehog doubles the features
+        keep = valid[:, :, None, None]
+        fk = fk * keep.to(fk.dtype)  # padding adds nothing ...
+        log_g = log_g * keep  # ... and does not decay the state
+        v_lin = v
+        if cfg.normalizer != "none":
+            v_lin = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # last column accumulates z
+        o_lin, state = gated_linear_attention(
+            fq, fk, v_lin, log_g.to(fq.dtype) if fq.dtype == torch.float32 else log_g.float(),
+            scale=1.0,
+            initial_state=None if layer is None else layer.state,
+            output_final_state=layer is not None,
+        )  # [B, T, H, V(+1)]
+
+        if not cfg.use_window:
+            o = self._normalize(o_lin) if cfg.normalizer != "none" else o_lin
+        else:
+            cos, sin = position_embeddings
+            q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if layer is not None:
+                k_all, v_all, valid_all = layer.window_inputs(k_r, v, valid)
+            else:
+                k_all, v_all, valid_all = k_r, v, valid
+            o_win, lse = sliding_window_attention(
+                q_r, k_all, v_all, window=cfg.window, scale=self.scaling,
+                key_mask=valid_all, sinks=getattr(self, "sinks", None),
+            )  # [B, T, H, D], [B, T, H]
+            if layer is not None:
+                layer.store(k_all, v_all, valid_all, state, T)
+            o = self._combine(o_win, lse, o_lin)
+        if layer is not None and not cfg.use_window:
+            layer.store(k[:, :0], v[:, :0], valid[:, :0], state, T)
+        return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+
+    def _normalize(self, o_lin: torch.Tensor) -> torch.Tensor:
+        num, den = o_lin[..., :-1].float(), o_lin[..., -1:].float()
+        return num / den.clamp_min(DENOMINATOR_EPS)
+
+    def _combine(self, o_win: torch.Tensor, lse: torch.Tensor, o_lin: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.normalizer == "shared":
+            # LoLCATs: one denominator. y = (num_win + num_lin) / (den_win + den_lin), divided through by
+            # den_win = exp(lse) for stability.
+            inv = torch.exp(-lse.clamp(min=-80.0))[..., None]  # [B, T, H, 1]
+            num_lin, den_lin = o_lin[..., :-1].float(), o_lin[..., -1:].float()
+            return (o_win.float() + num_lin * inv) / (1 + den_lin * inv)
+        if cfg.normalizer == "separate":
+            o_lin = self._normalize(o_lin)
+        w = self._window_weight(torch.float32)
+        return w * o_win.float() + (1 - w) * o_lin.float()
+
+    @staticmethod
+    def _new_key_valid(padding_mask, B: int, T: int, device) -> torch.Tensor:
+        """Which of the T new tokens are real (not padding): [B, T] bool."""
+        if padding_mask is None:
+            return torch.ones(B, T, dtype=torch.bool, device=device)
+        return padding_mask[:, -T:].to(device=device, dtype=torch.bool)
+
+    # --- teacher --------------------------------------------------------------------------------
+    def teacher_forward(self, x, position_embeddings, attention_mask=None) -> torch.Tensor:
+        """The teacher's softmax attention with the current projections (LoRA included), no cache.
+
+        attention_mask: the mask transformers built for this layer (4D bool/float, or None = causal).
+        """
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        group = self.num_heads // self.num_kv_heads
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        mask = attention_mask
+        if mask is not None and mask.dim() == 4:
+            mask = mask[:, :, :, -T:]
+        elif mask is None and self.teacher_sliding_window and T > self.teacher_sliding_window:
+            i = torch.arange(T, device=x.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.teacher_sliding_window)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scaling
+        )  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
