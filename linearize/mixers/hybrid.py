@@ -97,9 +97,7 @@ class HybridAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         cache = cache if cache is not None else past_key_values
-        if self.run_as_teacher:
-            if cache is not None and kwargs.get("use_cache", True):
-                raise ValueError("teacher_attention() runs without a cache: call the model with use_cache=False")
+        if self.run_as_teacher:  # training signal only: the cache is neither read nor written
             return self.teacher_forward(hidden_states, position_embeddings, attention_mask), None
         padding = kwargs.get(PADDING_MASK_KWARG)
         return self.hybrid_forward(hidden_states, position_embeddings, padding, cache), None

@@ -1,0 +1,115 @@
+"""``convert()``: turn a loaded (or named) teacher into a converted model; save it self-contained."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from transformers import PreTrainedModel
+
+from .arch import arch_spec
+from .config import ConversionConfig
+from .export import AUTO_MAP, write_remote_code
+from .mixers import iter_mixers
+from .modeling import MODEL_TYPE_PREFIX, base_model_type, linearized_classes, linearized_config
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def convert(model_or_source=None, config: ConversionConfig | None = None, **overrides) -> PreTrainedModel:
+    """Replace every attention layer of a causal LM as ``config`` says; returns the converted model.
+
+    ``model_or_source`` is a loaded ``PreTrainedModel`` (converted in place: weights are shared, not
+    copied) or anything ``linearize.sources`` resolves (hub id, folder, .gguf, ``smollm2-135m``,
+    ``None`` for the offline default). ``overrides`` replace fields of ``config``.
+    """
+    config = config or ConversionConfig()
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    if isinstance(model_or_source, nn.Module):
+        model = model_or_source
+    else:
+        from .sources import load_model
+
+        model = load_model(model_or_source)
+    model_type = model.config.model_type
+    if model_type.startswith(MODEL_TYPE_PREFIX):
+        raise ValueError(f"this model is already converted ({model_type}); convert the teacher instead")
+    arch_spec(model_type)  # a clear error for unsupported architectures, before anything changes
+    _, model_cls = linearized_classes(model_type)
+    new_config = linearized_config(model.config, config)
+    new_config._attn_implementation = "sdpa"
+    # The converted class is a subclass of the teacher's with the same parameters: re-class the
+    # instance and run the surgery, instead of building a second model and copying weights.
+    old_config = model.config
+    model.__class__ = model_cls
+    for module in model.modules():  # submodules keep a reference to the config they were built with
+        if getattr(module, "config", None) is old_config:
+            module.config = new_config
+    from .surgery import apply_conversion
+
+    apply_conversion(model, config, model_type)
+    converted = sum(1 for _ in iter_mixers(model))
+    logger.info("converted %d attention layers of %s to %s", converted, model_type, config.mixer)
+    return model
+
+
+def conversion_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) of everything the conversion added: gates, mix weights, sinks, feature maps."""
+    added = {id(p) for _, mixer in iter_mixers(model) for p in mixer.new_parameters()}
+    for name, param in model.named_parameters():
+        if id(param) in added:
+            yield name, param
+
+
+def save_converted(model: PreTrainedModel, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Save a converted model as a self-contained folder, atomically (temp folder, then rename).
+
+    The folder holds safetensors weights, ``config.json`` with ``auto_map``, the exported modeling
+    code, the tokenizer and the generation config. An existing folder is replaced only once the
+    new one is complete.
+    """
+    model_type = model.config.model_type
+    if not model_type.startswith(MODEL_TYPE_PREFIX):
+        raise ValueError(f"save_converted expects a converted model, got model_type {model_type!r}")
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.config.auto_map = dict(AUTO_MAP)
+        model.save_pretrained(tmp, safe_serialization=True)
+        write_remote_code(tmp, base_model_type(model_type))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            backup = out.with_name(f".{out.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            out.rename(backup)
+            tmp.rename(out)
+            shutil.rmtree(backup)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def convert_to_folder(source, out_dir, config: ConversionConfig | None = None, dtype: str = "float32") -> Path:
+    """Load a teacher, convert it and save the converted checkpoint folder."""
+    from .sources import load_teacher
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model, tokenizer = load_teacher(source, dtype=DTYPES[dtype])
+    model = convert(model, config)
+    return save_converted(model, out_dir, tokenizer)
