@@ -1,0 +1,5 @@
+"""Triton kernels for the converted layers (picked by ``linearize.kernels`` for CUDA tensors)."""
+
+from .gla import gated_linear_attention
+
+__all__ = ["gated_linear_attention"]
