@@ -1,0 +1,257 @@
+"""Chunked PyTorch implementations of the ops: the fast path everywhere without a GPU.
+
+Plain torch ops only, so autograd gives every gradient. Semantics are exactly those of
+``reference.py`` (the tests pin that down); layout is time-first ``[B, T, H, D]``; all arithmetic
+is fp32 and outputs come back in ``q.dtype``.
+
+Gated linear attention (chunk size C, sub-chunk size c, after flash-linear-attention's chunk GLA):
+within a chunk, with ``b_t`` the cumulative log decay from the chunk start (``b_t <= 0``, falling),
+
+    o_i = q_i·diag(exp(b_i))·S_start  +  Σ_{j <= i in chunk} (q_i ⊙ exp(b_i − b_j))·k_j  v_j
+
+Only exponentials of non-positive numbers are ever taken: the inter-chunk term uses ``exp(b_i)``;
+the intra-chunk term between different sub-chunks I > J factors through the log decay ``r_I`` at
+the end of sub-chunk I − 1 as ``(q_i ⊙ exp(b_i − r_I))·(k_j ⊙ exp(r_I − b_j))``; inside a
+diagonal sub-chunk it is computed exactly per key dimension (a ``[c, c, K]`` tensor, masked in log
+space before the exponential). Each log decay is formed as a sum of the g's it spans, never as a
+difference of two long cumulative sums, so fp32 keeps its precision after a very strong gate.
+Memory is O(T·C) per head, never O(T²).
+
+Sliding-window attention: queries in blocks of ``bq``; each block gathers only the
+``bq + window − 1`` keys it can see (a strided view), so memory is O(T·window).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_SIZE = 64
+"""Chunk length C of the chunked GLA form (flash-linear-attention's chunk GLA uses 64)."""
+SUB_CHUNK_SIZE = 16
+"""Secondary chunk length c inside a chunk (flash-linear-attention's intra-chunk BC = 16)."""
+RECURRENT_MAX_T = 4
+"""Sequences this short (decode steps) run the plain recurrence instead of padding to a chunk."""
+SWA_BLOCK_SIZE = 64
+"""Minimum query block length of the sliding-window op (blocks are at least ``window`` long)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Gated linear attention
+# ------------------------------------------------------------------------------------------------
+
+
+def gated_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated linear attention ``S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t``, ``o_t = scale·q_t S_t``.
+
+    Same contract as ``reference.gated_linear_attention_ref``: q [B, T, H, K]; k, g [B, T, Hkv, K];
+    v [B, T, Hkv, V]; initial_state [N, Hkv, K, V]; cu_seqlens [N + 1] (B == 1, state restarts at
+    each boundary). Returns o [B, T, H, V] in q.dtype and the fp32 final state (or None).
+    """
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    B, T, H, K = q.shape
+    scale = K**-0.5 if scale is None else scale
+    if cu_seqlens is None:
+        o, final = _gla_batched(q, k, v, g, scale, initial_state, chunk_size)
+    else:
+        seq, pos, t_max = _packed_index(cu_seqlens, T)
+        n_seq = cu_seqlens.numel() - 1
+        padded = [_to_padded(x, seq, pos, n_seq, t_max) for x in (q, k, v, g)]  # each [N, Tmax, ., .]
+        o_pad, final = _gla_batched(*padded, scale, initial_state, chunk_size)
+        o = o_pad[seq, pos].unsqueeze(0)  # [1, T, H, V]
+    return o.to(q.dtype), (final if output_final_state else None)
+
+
+def _packed_index(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For each packed token: its sequence index and its position inside that sequence."""
+    offsets = cu_seqlens.to(device="cpu", dtype=torch.long)
+    lengths = offsets[1:] - offsets[:-1]  # [N]
+    seq = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)  # [T]
+    pos = torch.arange(T) - offsets[seq]  # [T]
+    t_max = int(lengths.max()) if lengths.numel() else 0
+    device = cu_seqlens.device
+    return seq.to(device), pos.to(device), t_max
+
+
+def _to_padded(x: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, n_seq: int, t_max: int) -> torch.Tensor:
+    """[1, T, ...] packed -> [N, Tmax, ...] zero padded at the end (zero k and g keep the state)."""
+    out = x.new_zeros(n_seq, t_max, *x.shape[2:])  # [N, Tmax, ., .]
+    out[seq, pos] = x[0]
+    return out
+
+
+def _gla_batched(q, k, v, g, scale, initial_state, chunk_size):
+    """GLA over a batch of equal-length sequences; o [B, T, H, V] fp32, final state [B, Hkv, K, V]."""
+    B, T, H, K = q.shape
+    Hkv, V = k.shape[2], v.shape[3]
+    group = H // Hkv
+    qf = (q.float() * scale).reshape(B, T, Hkv, group, K)  # [B, T, Hkv, G, K]
+    kf, vf, gf = k.float(), v.float(), g.float()
+    if initial_state is None:
+        state = q.new_zeros(B, Hkv, K, V, dtype=torch.float32)  # [B, Hkv, K, V]
+    else:
+        state = initial_state.float()
+    if T == 0:
+        return q.new_zeros(B, 0, H, V, dtype=torch.float32), state
+    if T <= RECURRENT_MAX_T:
+        o, state = _gla_recurrent(qf, kf, vf, gf, state)
+    else:
+        o, state = _gla_chunked(qf, kf, vf, gf, state, chunk_size)
+    return o.reshape(B, T, H, V), state
+
+
+def _gla_recurrent(qf, kf, vf, gf, state):
+    """One token at a time (decode). qf [B, T, Hkv, G, K]; returns o [B, T, Hkv, G, V]."""
+    outs = []
+    for t in range(qf.shape[1]):
+        state = state * gf[:, t].exp()[..., None] + kf[:, t, :, :, None] * vf[:, t, :, None, :]  # [B, Hkv, K, V]
+        outs.append(torch.einsum("bhgk,bhkv->bhgv", qf[:, t], state))  # [B, Hkv, G, V]
+    return torch.stack(outs, dim=1), state
+
+
+def _gla_chunked(qf, kf, vf, gf, state, chunk_size):
+    """Chunked form. qf [B, T, Hkv, G, K] (already scaled); returns o [B, T, Hkv, G, V]."""
+    B, T, Hkv, G, K = qf.shape
+    V = vf.shape[-1]
+    C = chunk_size
+    c = math.gcd(C, SUB_CHUNK_SIZE)  # sub-chunk length, divides C
+    n, ns = -(-T // C), C // c
+    pad = n * C - T
+    # Zero padding at the end: g = 0 (no decay) and k = 0 leave the final state untouched.
+    qc = F.pad(qf, (0, 0, 0, 0, 0, 0, 0, pad)).reshape(B, n, C, Hkv, G, K).permute(0, 3, 4, 1, 2, 5)  # [B, Hkv, G, n, C, K]
+    kc, gc = (F.pad(x, (0, 0, 0, 0, 0, pad)).reshape(B, n, C, Hkv, K).permute(0, 3, 1, 2, 4) for x in (kf, gf))  # [B, Hkv, n, C, K]
+    vc = F.pad(vf, (0, 0, 0, 0, 0, pad)).reshape(B, n, C, Hkv, V).permute(0, 3, 1, 2, 4)  # [B, Hkv, n, C, V]
+    # Every log decay below is a sum of the g's it spans (never a difference of two cumulative sums,
+    # which loses fp32 precision after a strong gate), and only exponentials of sums <= 0 are taken.
+    dev = gc.device
+    g_sub = gc.reshape(B, Hkv, n, ns, c, K)  # [B, Hkv, n, ns, c, K]
+    b_loc = g_sub.cumsum(dim=4)  # [B, Hkv, n, ns, c, K] from the sub-chunk start to i, inclusive
+    total = b_loc[..., -1, :]  # [B, Hkv, n, ns, K] one sub-chunk's log decay
+    rest = F.pad(g_sub.flip(4).cumsum(4).flip(4)[..., 1:, :], (0, 0, 0, 1))  # [B, Hkv, n, ns, c, K] after j, to the sub-chunk end
+    sub = torch.arange(ns, device=dev)
+    strictly = (sub[:, None, None] < sub[None, None, :]) & (sub[None, None, :] < sub[None, :, None])  # [J, I, M]: J < M < I
+    between = torch.einsum("jim,bhnmk->bhnijk", strictly.to(gc.dtype), total)  # [B, Hkv, n, ns(I), ns(J), K]
+    after = torch.einsum("jm,bhnmk->bhnjk", (sub[:, None] < sub[None, :]).to(gc.dtype), total)  # [B, Hkv, n, ns, K]
+
+    # Intra-chunk, between sub-chunks J < I, factored through the end of sub-chunk I - 1.
+    q_sub = qc.reshape(B, Hkv, G, n, ns, c, K)
+    q_off = q_sub * b_loc.exp()[:, :, None]  # [B, Hkv, G, n, ns, c, K]
+    k_log = rest[:, :, :, None] + between[..., None, :]  # [B, Hkv, n, ns(I), ns(J), c, K]
+    earlier = sub[None, :] < sub[:, None]  # [I, J]
+    k_log = k_log.masked_fill(~earlier[:, :, None, None], float("-inf")).reshape(B, Hkv, n, ns, C, K)
+    k_off = kc[:, :, :, None] * k_log.exp()  # [B, Hkv, n, ns, C, K]
+    a_off = torch.einsum("bhgnick,bhnijk->bhgnicj", q_off, k_off)  # [B, Hkv, G, n, ns, c, C]
+    o_intra = torch.einsum("bhgnicj,bhnjv->bhgnicv", a_off, vc)  # [B, Hkv, G, n, ns, c, V]
+
+    # Intra-chunk, inside a sub-chunk: exact per key dimension, masked in log space.
+    pos = torch.arange(c, device=dev)
+    span = (pos[None, :, None] < pos[None, None, :]) & (pos[None, None, :] <= pos[:, None, None])  # [i, j, s]: j < s <= i
+    d_log = torch.einsum("ijs,bhnask->bhnaijk", span.to(gc.dtype), g_sub)  # [B, Hkv, n, ns, c(i), c(j), K]
+    causal = pos[None, :] <= pos[:, None]  # [i, j]
+    kd = d_log.masked_fill(~causal[..., None], float("-inf")).exp() * kc.reshape(B, Hkv, n, ns, 1, c, K)  # [B, Hkv, n, ns, c, c, K]
+    a_diag = torch.einsum("bhgnsik,bhnsijk->bhgnsij", q_sub, kd)  # [B, Hkv, G, n, ns, c, c]
+    o_intra = o_intra + torch.einsum("bhgnsij,bhnsjv->bhgnsiv", a_diag, vc.reshape(B, Hkv, n, ns, c, V))
+    o_intra = o_intra.reshape(B, Hkv, G, n, C, V)
+
+    # Inter-chunk: a sequential scan over chunk states.
+    to_end = (rest + after[..., None, :]).reshape(B, Hkv, n, C, K)  # [B, Hkv, n, C, K] after j, to the chunk end
+    update = torch.einsum("bhnck,bhncv->bhnkv", kc * to_end.exp(), vc)  # [B, Hkv, n, K, V]
+    chunk_decay = total.sum(dim=3).exp()  # [B, Hkv, n, K]
+    starts = []
+    for i in range(n):
+        starts.append(state)
+        state = state * chunk_decay[:, :, i, :, None] + update[:, :, i]  # [B, Hkv, K, V]
+    start_states = torch.stack(starts, dim=2)  # [B, Hkv, n, K, V]
+    from_start = gc.cumsum(dim=3)  # [B, Hkv, n, C, K] chunk start to i, inclusive
+    o_inter = torch.einsum("bhgnck,bhnkv->bhgncv", qc * from_start.exp()[:, :, None], start_states)  # [B, Hkv, G, n, C, V]
+
+    o = (o_inter + o_intra).permute(0, 3, 4, 1, 2, 5).reshape(B, n * C, Hkv, G, V)[:, :T]  # [B, T, Hkv, G, V]
+    return o, state
+
+
+# ------------------------------------------------------------------------------------------------
+# Sliding-window attention
+# ------------------------------------------------------------------------------------------------
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    block_size: int = SWA_BLOCK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax attention over the last ``window`` keys, the query's own included.
+
+    Same contract as ``reference.sliding_window_attention_ref``: q [B, Tq, H, D] are the last Tq
+    positions of k, v [B, Tk, Hkv, D]; key_mask [B, Tk] bool; sinks [H] or [H, M] join the
+    denominator only. Returns o [B, Tq, H, D] (q.dtype) and lse [B, Tq, H] fp32 (-inf and a zero
+    output where a query sees nothing).
+    """
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    B, Tq, H, D = q.shape
+    Tk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hkv
+    scale = D**-0.5 if scale is None else scale
+    if Tq == 0:
+        return q.new_zeros(B, 0, H, Dv), q.new_zeros(B, 0, H, dtype=torch.float32)
+    W = min(window, Tk)  # a window at least as long as the keys sees every earlier key
+    first = Tk - Tq - (W - 1)  # key index the first query's window starts at (may be < 0)
+    front = max(0, -first)
+    bq = min(Tq, max(block_size, W))  # query block length
+    n = -(-Tq // bq)
+    back = n * bq - Tq
+    L = bq + W - 1  # keys one block can see
+
+    # Keys from the first visible one, padded so query i (local) sees keys [i, i + W - 1].
+    keep = torch.ones(B, Tk, dtype=torch.bool, device=k.device) if key_mask is None else key_mask.bool()
+    keep = F.pad(keep[:, max(0, first) :], (front, back), value=False)  # [B, n*bq + W - 1]
+    kf, vf = (F.pad(x[:, max(0, first) :].float(), (0, 0, 0, 0, front, back)) for x in (k, v))  # [B, n*bq + W - 1, Hkv, .]
+    k_blocks = kf.unfold(1, L, bq)  # [B, n, Hkv, D, L]
+    v_blocks = vf.unfold(1, L, bq)  # [B, n, Hkv, Dv, L]
+    keep_blocks = keep.unfold(1, L, bq)  # [B, n, L]
+    qf = (F.pad(q.float(), (0, 0, 0, 0, 0, back)) * scale).reshape(B, n, bq, Hkv, group, D)  # [B, n, bq, Hkv, G, D]
+
+    logits = torch.einsum("bnrhgd,bnhdl->bhgnrl", qf, k_blocks)  # [B, Hkv, G, n, bq, L]
+    rows = torch.arange(bq, device=q.device)[:, None]
+    cols = torch.arange(L, device=q.device)[None, :]
+    band = (cols >= rows) & (cols < rows + W)  # [bq, L]
+    visible = band & keep_blocks[:, None, None, :, None, :]  # [B, 1, 1, n, bq, L]
+    logits = logits.masked_fill(~visible, float("-inf"))
+
+    m = logits.amax(dim=-1)  # [B, Hkv, G, n, bq]
+    sink_logits = None
+    if sinks is not None:
+        sink_logits = sinks.float().reshape(Hkv, group, 1, 1, -1)  # [Hkv, G, 1, 1, M]
+        m = torch.maximum(m, sink_logits.amax(dim=-1))
+    m = m.detach()  # a shift only: the softmax does not depend on it
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = (logits - m[..., None]).exp()  # [B, Hkv, G, n, bq, L]
+    denom = p.sum(dim=-1)  # [B, Hkv, G, n, bq]
+    if sink_logits is not None:
+        denom = denom + (sink_logits - m[..., None]).exp().sum(dim=-1)
+    seen = denom > 0
+    denom = torch.where(seen, denom, torch.ones_like(denom))  # rows that see nothing: o = 0, no NaN
+    o = torch.einsum("bhgnrl,bnhvl->bhgnrv", p, v_blocks) / denom[..., None]  # [B, Hkv, G, n, bq, Dv]
+    lse = torch.where(seen, m + denom.log(), torch.full_like(denom, float("-inf")))  # [B, Hkv, G, n, bq]
+
+    o = o.permute(0, 3, 4, 1, 2, 5).reshape(B, n * bq, H, Dv)[:, :Tq]  # [B, Tq, H, Dv]
+    lse = lse.permute(0, 3, 4, 1, 2).reshape(B, n * bq, H)[:, :Tq]  # [B, Tq, H]
+    return o.to(q.dtype), lse
