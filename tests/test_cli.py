@@ -1,0 +1,75 @@
+"""The `linearize convert` and `linearize generate` verbs, end to end on a tiny local model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+import cli
+import linearize
+from tiny_models import VOCAB, tiny_model
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+    words = ["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture
+def teacher_dir(tmp_path):
+    folder = tmp_path / "teacher"
+    tiny_model("llama").save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_convert_then_generate(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "converted"
+    assert cli.main(["convert", str(teacher_dir), "--out", str(out), "--window", "4", "--keep-softmax", "1"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.linearize["window"] == 4 and model.config.linearize["keep_softmax_layers"] == [1]
+    assert [i for i, _ in linearize.iter_mixers(model)] == [0]
+
+    capsys.readouterr()
+    assert cli.main(["generate", str(out), "--prompt", "w1 w2 w3", "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out.strip()
+    tok = PreTrainedTokenizerFast.from_pretrained(out)
+    ids = tok("w1 w2 w3", return_tensors="pt")
+    expected = model.eval().generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert printed == tok.decode(expected[0, 3:], skip_special_tokens=True).strip()
+
+
+def test_unreachable_hub_id_is_one_clear_error(tmp_path, capsys):
+    code = cli.main(["convert", "nobody/does-not-exist", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "nobody/does-not-exist" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_setting_is_one_clear_error(teacher_dir, tmp_path, capsys):
+    code = cli.main(["convert", str(teacher_dir), "--out", str(tmp_path / "x"), "--keep-softmax", "9"])
+    assert code == 2
+    assert "keep_softmax_layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", cli.VERBS)
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([verb, "--help"])
+    assert exit_info.value.code == 0
+    assert verb in capsys.readouterr().out
+
+
+def test_unsupported_architecture_from_the_cli(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    assert cli.main(["convert", str(folder), "--out", str(tmp_path / "y")]) == 2
+    assert "not supported" in capsys.readouterr().err
