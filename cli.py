@@ -81,7 +81,91 @@ def _run_generate(args) -> None:
     sys.stdout.write("\n")
 
 
-VERBS = ("convert", "generate")
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="prefill/decode speed and memory of a converted model against its teacher")
+    p.add_argument("dir", help="converted checkpoint folder (from `linearize convert`)")
+    p.add_argument("--teacher", default=None, help="the teacher: hub id, folder, .gguf or 'smollm2-135m' (default)")
+    p.add_argument("--contexts", default="1k,2k,4k,8k,16k,32k", help="context lengths, e.g. 512,1k,2k (k = 1024)")
+    p.add_argument("--batch", type=int, default=1, help="batch of the prefill/decode-latency grid (default 1)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--decode-steps", type=int, default=16, help="timed single-token steps per context")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed decode steps before them")
+    p.add_argument("--throughput-context", type=int, default=None,
+                   help="context of the decode-throughput test (default: largest grid context the teacher allows)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="largest batch tried for throughput (default 256 on cuda, 4 on cpu; 0 skips the test)")
+    p.add_argument("--out", default="bench.json", help="JSON results file; the PNG goes beside it (default bench.json)")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_bench(args) -> None:
+    from rich.progress import Progress
+
+    from benchmarks import model_bench as mb
+
+    cuda = args.device.startswith("cuda")
+    cfg = mb.BenchConfig(
+        contexts=mb.parse_contexts(args.contexts), batch=args.batch, device=args.device,
+        dtype=args.dtype or ("bfloat16" if cuda else "float32"), decode_steps=args.decode_steps,
+        warmup_steps=args.warmup_steps, throughput_context=args.throughput_context,
+        max_batch=args.max_batch if args.max_batch is not None else (256 if cuda else 4),
+    )
+    teacher, converted = mb.load_pair(args.dir, args.teacher, cfg)
+    with Progress(transient=True) as bar:
+        task = bar.add_task("bench", total=mb.grid_size(cfg))
+        report = mb.run_bench(teacher, converted, cfg,
+                              progress=lambda what: bar.update(task, advance=1, description=what))
+    report["command"] = "linearize bench " + " ".join(_argv_of(args))
+    json_path, png_path = mb.write_report(report, args.out)
+    print(mb.format_table(report))
+    print(f"\nwrote {json_path} and {png_path}")
+
+
+def _argv_of(args) -> list[str]:
+    out = [args.dir]
+    for key, value in vars(args).items():
+        if key not in ("dir", "verb", "verbose") and value is not None:
+            out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+def _add_finetune(sub) -> None:
+    from linearize.recipe import recipe_help
+
+    p = sub.add_parser(
+        "finetune",
+        help="convert a teacher and recover its quality as a recipe YAML says (attention transfer, LoRA)",
+        description="Run a finetuning recipe: `linearize finetune RECIPE.yaml [key=value ...]`. Several "
+        "processes: `accelerate launch [--config_file recipes/accelerate/X.yaml] -m linearize finetune ...` "
+        "(or torchrun). Recipe keys (override any with dotted.key=value, e.g. lora.r=16 train.seed=1):",
+        epilog=recipe_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe overrides, e.g. lora.r=16 data.max_tokens=100000 output_dir=runs/x")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in output_dir/checkpoints (same data order, "
+                   "optimiser and scheduler state)")
+
+
+def _run_finetune(args) -> None:
+    from linearize.recipe import load_recipe
+    from linearize.train import finetune
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = finetune(recipe, resume=args.resume)
+    logging.getLogger("linearize").info("finetuned checkpoint written to %s", result.model_dir)
+
+
+VERBS = ("convert", "generate", "bench", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks of converted models against their teachers (`linearize bench`)."""
