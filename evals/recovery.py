@@ -1,0 +1,88 @@
+"""``linearize eval``: the same lm-eval run on teacher and student, then the recovery report."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import OfflineTaskConfig
+from .data import prepare_tasks
+from .report import build_report, write_report
+from .runner import evaluate, split_tasks
+
+logger = logging.getLogger(__name__)
+
+# A string both tokenizers must split identically: the offline data is built with one of them.
+_TOKENIZER_PROBE = "Athens is to Greece as Baghdad is to Iraq. The pass key is 68213.\n\n  Über naïve café 1,234.5"
+
+
+def check_same_tokenizer(teacher_tok, student_tok) -> None:
+    """Teacher and student must tokenize alike, or the comparison is not like for like."""
+    a = teacher_tok(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    b = student_tok(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if a != b or len(teacher_tok) != len(student_tok):
+        raise ValueError(
+            "teacher and student tokenizers differ (vocabulary size or tokenization); evaluate the student "
+            "against the model it was converted from"
+        )
+
+
+def run_recovery(
+    student: str | Path,
+    teacher: str | Path,
+    tasks=("linearize_offline",),
+    *,
+    out_dir: str | Path | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    num_fewshot: int | None = None,
+    task_config: OfflineTaskConfig | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    write_to_checkpoint: bool = True,
+) -> tuple[dict, dict[str, Path]]:
+    """Evaluate ``teacher`` then ``student`` (a checkpoint folder) with identical settings.
+
+    Writes ``report.{json,md,png}`` and the offline task folder (``tasks/``, usable as lm-eval's
+    ``--include_path``) into ``out_dir`` (default ``<student>/eval``), and, if
+    ``write_to_checkpoint``, ``<student>/eval_report.json`` for the model card.
+    Returns ``(report, paths)``.
+    """
+    from linearize.sources import load_model, load_tokenizer
+
+    student = Path(student)
+    if not (student / "config.json").is_file():
+        raise FileNotFoundError(f"{student} is not a checkpoint folder (no config.json); pass a converted folder")
+    task_config = task_config or OfflineTaskConfig()
+    offline, standard = split_tasks(tasks)
+    names = offline + standard
+    out = Path(out_dir) if out_dir is not None else student / "eval"
+    settings = {
+        "tasks": names, "limit": limit, "batch_size": batch_size, "max_length": max_length,
+        "num_fewshot": num_fewshot, "device": device, "dtype": str(dtype).removeprefix("torch."),
+        "offline_tasks": task_config.to_dict() if offline else None,
+    }
+
+    student_tok = load_tokenizer(str(student))
+    teacher_tok = load_tokenizer(str(teacher))
+    check_same_tokenizer(teacher_tok, student_tok)
+    include = prepare_tasks(out / "tasks", student_tok, task_config, offline) if offline else None
+
+    results = {}
+    for role, source, tok in (("teacher", str(teacher), teacher_tok), ("student", str(student), student_tok)):
+        logger.info("evaluating the %s %s on %s", role, source, ", ".join(names))
+        model = load_model(source, dtype=dtype, device=device)
+        results[role] = evaluate(model, tok, names, limit=limit, batch_size=batch_size, max_length=max_length,
+                                 num_fewshot=num_fewshot, task_config=task_config, include_path=include)
+        del model
+        gc.collect()
+
+    report = build_report(results["teacher"], results["student"], names, teacher=str(teacher),
+                          student=str(student), settings=settings)
+    paths = write_report(report, out, checkpoint_dir=student if write_to_checkpoint else None)
+    logger.info("recovery report written to %s", paths["markdown"])
+    return report, paths

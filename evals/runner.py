@@ -1,0 +1,145 @@
+"""Runs lm-eval in-process (``HFLM`` around an already loaded model) on offline and standard tasks.
+
+Standard task names (piqa, arc_easy, arc_challenge, hellaswag, winogrande, mmlu, ...) pass to
+lm-eval unchanged; the offline tasks (``evals.config.OFFLINE_TASKS`` or the tag
+``linearize_offline``) are built by ``evals.data.prepare_tasks`` first (see ``evaluate``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from pathlib import Path
+
+from .config import METRIC_PREFERENCE, OFFLINE_TAG, OFFLINE_TASKS, PRIMARY_METRIC, OfflineTaskConfig
+from .data import prepare_tasks
+
+logger = logging.getLogger(__name__)
+
+
+def split_tasks(tasks) -> tuple[list[str], list[str]]:
+    """Expand the offline tag and split names into (offline, standard), order kept, no repeats."""
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",")]
+    names: list[str] = []
+    for task in tasks:
+        task = task.strip()
+        expanded = list(OFFLINE_TASKS) if task == OFFLINE_TAG else [task]
+        names.extend(t for t in expanded if t and t not in names)
+    if not names:
+        raise ValueError("no tasks given; e.g. --tasks linearize_offline or --tasks piqa,arc_easy")
+    offline = [t for t in names if t in OFFLINE_TASKS]
+    standard = [t for t in names if t not in OFFLINE_TASKS]
+    return offline, standard
+
+
+def make_lm(model, tokenizer, *, batch_size: int = 8, max_length: int | None = None):
+    """lm-eval's ``HFLM`` around a loaded model (no reload, no device move)."""
+    from lm_eval.models.huggingface import HFLM
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: need a positive batch size")
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks,
+    *,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    num_fewshot: int | None = None,
+    task_config: OfflineTaskConfig | None = None,
+    include_path: str | Path | None = None,
+    lm=None,
+) -> dict:
+    """Evaluate one model; returns lm-eval's results dict (``results``, ``n-samples``, ...).
+
+    ``include_path``: a folder written by ``evals.data.prepare_tasks`` for this tokenizer and
+    ``task_config`` (if None and offline tasks are asked for, they are built in a temporary folder).
+    ``lm``: an already built lm-eval ``LM`` to use instead of wrapping ``model`` (tests, custom
+    wrappers).
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    offline, standard = split_tasks(tasks)
+    lm = lm if lm is not None else make_lm(model, tokenizer, batch_size=batch_size, max_length=max_length)
+    _check_passkey_fits(lm, offline, task_config or OfflineTaskConfig())
+    with tempfile.TemporaryDirectory(prefix="linearize-tasks-") as tmp:
+        include = str(include_path) if include_path is not None else None
+        if offline and include is None:
+            include = str(prepare_tasks(tmp, tokenizer, task_config, offline))
+        # Indexing lm-eval's ~15K built-in task files takes ~10 s: skip it for offline-only runs.
+        manager = TaskManager(include_path=include, include_defaults=bool(standard))
+        results = simple_evaluate(
+            model=lm,
+            tasks=offline + standard,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            bootstrap_iters=0,  # stderr by bootstrap spawns worker pools; the report computes acc stderr
+            log_samples=False,
+        )
+    if results is None:  # lm-eval returns None on non-zero ranks of a distributed run
+        raise RuntimeError("lm-eval returned no results (not rank 0 of a distributed run?)")
+    return results
+
+
+def _check_passkey_fits(lm, offline: list[str], config: OfflineTaskConfig) -> None:
+    from .config import PASSKEY
+
+    if PASSKEY in offline and max(config.passkey_lengths) > lm.max_length:
+        raise ValueError(
+            f"passkey length {max(config.passkey_lengths)} exceeds the model's max length {lm.max_length}: "
+            "lm-eval would cut the prompt from the left (and the key with it); pass shorter "
+            "--passkey-lengths or a larger --max-length"
+        )
+
+
+def task_metrics(results: dict, task: str) -> dict[str, float]:
+    """``{metric: value}`` of one task from lm-eval's results (filter suffix dropped, no stderr)."""
+    if task not in results.get("results", {}):
+        raise KeyError(f"lm-eval results have no task {task!r}; got {sorted(results.get('results', {}))}")
+    out = {}
+    for key, value in results["results"][task].items():
+        metric, _, _filter = key.partition(",")
+        if metric.endswith("_stderr") or metric == "alias" or not isinstance(value, (int, float)):
+            continue
+        out.setdefault(metric, float(value))
+    return out
+
+
+def primary_metric(task: str, metrics: dict[str, float]) -> str:
+    """The metric reported for ``task``: PRIMARY_METRIC, else the first of METRIC_PREFERENCE found."""
+    if task in PRIMARY_METRIC and PRIMARY_METRIC[task] in metrics:
+        return PRIMARY_METRIC[task]
+    for metric in METRIC_PREFERENCE:
+        if metric in metrics:
+            return metric
+    if not metrics:
+        raise ValueError(f"task {task!r} reported no numeric metric")
+    return sorted(metrics)[0]
+
+
+def higher_is_better(results: dict, task: str, metric: str) -> bool:
+    """lm-eval's direction for a metric (perplexities: False)."""
+    hib = results.get("higher_is_better", {}).get(task, {})
+    if metric in hib and hib[metric] is not None:
+        return bool(hib[metric])
+    return not ("perplexity" in metric or metric == "bits_per_byte")
+
+
+def n_samples(results: dict, task: str) -> int | None:
+    n = results.get("n-samples", {}).get(task)
+    return int(n["effective"]) if isinstance(n, dict) and "effective" in n else None
+
+
+def accuracy_stderr(value: float, n: int | None) -> float | None:
+    """Standard error of a mean of 0/1 scores (lm-eval's ``mean_stderr`` for accuracies)."""
+    if n is None or n < 2 or not 0.0 <= value <= 1.0:
+        return None
+    return math.sqrt(value * (1.0 - value) / (n - 1))
