@@ -78,8 +78,9 @@ def run_recovery(
         model = load_model(source, dtype=dtype, device=device)
         results[role] = evaluate(model, tok, names, limit=limit, batch_size=batch_size, max_length=max_length,
                                  num_fewshot=num_fewshot, task_config=task_config, include_path=include)
-        del model
-        gc.collect()
+        if role == "teacher":  # free the teacher before loading the student
+            del model
+            gc.collect()
 
     report = build_report(results["teacher"], results["student"], names, teacher=str(teacher),
                           student=str(student), settings=settings)

@@ -22,7 +22,7 @@ from tiny_tokenizer import byte_tokenizer  # noqa: E402
 # Tiny shapes: byte tokens, passkey documents of a few hundred tokens.
 TASK_CONFIG = OfflineTaskConfig(wiki_max_chars=300, wiki_window_tokens=48, passkey_lengths=(560, 800),
                                 passkey_depths=(0.0, 0.5, 1.0))
-LIMIT = 6
+LIMIT = 4
 
 
 def tiny_llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
@@ -240,7 +240,7 @@ def test_report_rows_average_and_files(tmp_path):
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_run_recovery_on_a_converted_checkpoint(tmp_path, model, tok, tasks_dir):
+def test_run_recovery_on_a_converted_checkpoint(tmp_path, model, tok):
     linearize = pytest.importorskip("linearize")
     from evals.recovery import run_recovery
 
@@ -249,11 +249,9 @@ def test_run_recovery_on_a_converted_checkpoint(tmp_path, model, tok, tasks_dir)
     tok.save_pretrained(teacher_dir)
     student = linearize.convert(tiny_llama(len(tok)))
     linearize.save_converted(student, student_dir, tok)
-    report, paths = run_recovery(student_dir, teacher_dir, [CAPITALS, WIKI_WINDOWS], limit=4, batch_size=4,
-                                 task_config=TASK_CONFIG)
+    report, paths = run_recovery(student_dir, teacher_dir, [CAPITALS], limit=4, batch_size=4, task_config=TASK_CONFIG)
     rows = {r["task"]: r for r in report["tasks"]}
     docs = read_docs(paths["json"].parent / "tasks", CAPITALS, 4)
     assert rows[CAPITALS]["teacher"] == pytest.approx(mc_accuracy(model, tok, docs))
     assert rows[CAPITALS]["student"] == pytest.approx(mc_accuracy(student, tok, docs))
-    assert rows[WIKI_WINDOWS]["student"] > rows[WIKI_WINDOWS]["teacher"] * 0  # a finite perplexity
     assert (student_dir / "eval_report.json").is_file() and paths["markdown"].is_file()
