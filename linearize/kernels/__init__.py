@@ -115,3 +115,87 @@ def sliding_window_attention(
 
 
 __all__ = ["BACKENDS", "gated_linear_attention", "resolve_backend", "sliding_window_attention"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode step and fused Liger attention (Triton kernels in ``linearize.kernels.triton``; elsewhere
+# composed from the ops above).
+# ------------------------------------------------------------------------------------------------
+
+
+def gla_decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Advance the recurrent ``state`` [B, Hkv, K, V] (fp32) by 1..few tokens, in place.
+
+    q: [B, Tn, H, K]; k, g: [B, Tn, Hkv, K]; v: [B, Tn, Hkv, V]. Returns o [B, Tn, H, V] (q.dtype).
+    The Triton kernel has no backward; the other backends go through ``gated_linear_attention``.
+    """
+    check_gla_inputs(q, k, v, g, state, None)
+    name = resolve_backend(backend, q)
+    if name == "triton":
+        return _triton_ops().gla_decode_step(q, k, v, g, state, scale=scale)
+    o, new_state = _op(name, "gla")(q, k, v, g, scale=scale, initial_state=state, output_final_state=True)
+    with torch.no_grad():
+        state.copy_(new_state)
+    return o
+
+
+def fused_liger_attention(
+    q_lin: torch.Tensor,
+    k_lin: torch.Tensor,
+    g: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    window_weight: float = 0.5,
+    scale_lin: float | None = None,
+    scale_swa: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Liger attention ``o = w·SWA(q, k, v) + (1 − w)·GLA(q_lin, k_lin, v, g)``, w = window_weight.
+
+    q_lin [B, T, H, K], k_lin and g [B, T, Hkv, K] (linear branch, no RoPE); q [B, T, H, D] and
+    k [B, T, Hkv, D] (window branch, RoPE'd); v [B, T, Hkv, V] shared. The window never crosses a
+    ``cu_seqlens`` boundary. Returns o [B, T, H, V] (q.dtype) and the linear branch's fp32 final
+    state (or None). One Triton kernel on CUDA; elsewhere the two ops run and are mixed.
+    """
+    check_gla_inputs(q_lin, k_lin, v, g, initial_state, cu_seqlens)
+    check_swa_inputs(q, k, v, window, key_mask, sinks)
+    name = resolve_backend(backend, q)
+    if name == "triton":
+        return _triton_ops().fused_liger_attention(
+            q_lin, k_lin, g, q, k, v, window, window_weight=window_weight, scale_lin=scale_lin,
+            scale_swa=scale_swa, initial_state=initial_state, output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens, key_mask=key_mask, sinks=sinks,
+        )  # fmt: skip
+    o_lin, final = _op(name, "gla")(
+        q_lin, k_lin, v, g, scale=scale_lin, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+    )  # fmt: skip
+    bounds = [0, q.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
+    swa = _op(name, "swa")
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        mask = None if key_mask is None else key_mask[:, a:b]
+        o, _ = swa(q[:, a:b], k[:, a:b], v[:, a:b], window=window, scale=scale_swa, key_mask=mask, sinks=sinks)
+        parts.append(o)
+    o_swa = torch.cat(parts, dim=1)
+    return (window_weight * o_swa.float() + (1.0 - window_weight) * o_lin.float()).to(q.dtype), final
+
+
+__all__ += ["fused_liger_attention", "gla_decode_step"]

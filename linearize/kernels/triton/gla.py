@@ -122,28 +122,19 @@ def _fwd_h_kernel(
         tl.store(ht + i_nh.to(tl.int64) * K * V + kv_off, S, mask=m_kv)
 
 
-@triton.autotune(configs=configs([{}]), key=["H", "K", "V", "BT", "BK", "BV"])
 @triton.jit
-def _fwd_o_kernel(
-    q, k, v, gc, h, o, blocks, cu, scale,
+def _sub_chunk_out(
+    q, k, v, gc, h, i_c, i_s, t0, eos, i_h, o_v, mv,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """o for one sub-chunk of one query head.  grid (NV, NT * BT // BC, H)."""
-    i_v, i_cs, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NC: tl.constexpr = BT // BC
+    """Unscaled GLA output [BC, BV] of sub-chunk ``i_s`` of chunk ``i_c`` (first token ``t0``) for
+    query head ``i_h`` and value columns ``o_v``: inter-chunk term from ``h`` plus intra-chunk terms."""
     NK: tl.constexpr = triton.cdiv(K, BK)
-    G: tl.constexpr = H // HKV
-    i_c, i_s = i_cs // NC, i_cs % NC
-    i_hk = i_h // G
-    n = tl.load(blocks + 2 * i_c)
-    t0 = tl.load(blocks + 2 * i_c + 1).to(tl.int64)
-    eos = tl.load(cu + n + 1).to(tl.int64)
+    i_hk = i_h // (H // HKV)
     r0 = t0 + i_s * BC  # first row of this sub-chunk: the reference for the off-diagonal terms
     ti = r0 + tl.arange(0, BC)
     mi = ti < eos
-    o_v = i_v * BV + tl.arange(0, BV)
-    mv = o_v < V
     dt = v.dtype.element_ty
     causal = tl.arange(0, BC)[:, None] >= tl.arange(0, BC)[None, :]
 
@@ -182,8 +173,28 @@ def _fwd_o_kernel(
             A += _dot(b_qg.to(dt), tl.trans(b_kg.to(dt)), PREC)
         b_vj = _tile(v + i_hk * V, tj, mj, HKV * V, o_v, mv)
         acc += _dot(A.to(dt), b_vj, PREC)
+    return acc
 
-    m_out = mi[:, None] & mv[None, :]
+
+@triton.autotune(configs=configs([{}]), key=["H", "K", "V", "BT", "BK", "BV"])
+@triton.jit
+def _fwd_o_kernel(
+    q, k, v, gc, h, o, blocks, cu, scale,
+    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """o for one sub-chunk of one query head.  grid (NV, NT * BT // BC, H)."""
+    i_v, i_cs, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NC: tl.constexpr = BT // BC
+    i_c, i_s = i_cs // NC, i_cs % NC
+    n = tl.load(blocks + 2 * i_c)
+    t0 = tl.load(blocks + 2 * i_c + 1).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mv = o_v < V
+    acc = _sub_chunk_out(q, k, v, gc, h, i_c, i_s, t0, eos, i_h, o_v, mv, H, HKV, K, V, BC, BK, BV, PREC)
+    ti = t0 + i_s * BC + tl.arange(0, BC)
+    m_out = (ti < eos)[:, None] & mv[None, :]
     tl.store(o + (ti[:, None] * H + i_h) * V + o_v[None, :], (acc * scale).to(o.dtype.element_ty), mask=m_out)
 
 
@@ -502,18 +513,19 @@ class Seqs:
     n_seq: int
     n_chunks: int
     chunk: int
+    offsets: tuple[int, ...]  # the same offsets on the host
 
 
 def make_seqs(B: int, T: int, cu_seqlens: torch.Tensor | None, chunk: int, device: torch.device) -> Seqs:
     offsets = seq_offsets(B, T, cu_seqlens)
     blocks, first = chunk_table(offsets, chunk, device)
     cu = torch.tensor(offsets, dtype=torch.int32, device=device)
-    return Seqs(cu, blocks, first, len(offsets) - 1, blocks.shape[0], chunk)
+    return Seqs(cu, blocks, first, len(offsets) - 1, blocks.shape[0], chunk, tuple(offsets))
 
 
 def _check_chunk(chunk: int) -> None:
-    if not isinstance(chunk, int) or chunk < SUB_CHUNK_SIZE or chunk % SUB_CHUNK_SIZE:
-        raise ValueError(f"chunk_size must be a multiple of {SUB_CHUNK_SIZE}, got {chunk!r}")
+    if not isinstance(chunk, int) or chunk < SUB_CHUNK_SIZE or chunk & (chunk - 1):
+        raise ValueError(f"chunk_size must be a power of two >= {SUB_CHUNK_SIZE}, got {chunk!r}")
 
 
 def chunk_cumsum(g: torch.Tensor, seqs: Seqs) -> torch.Tensor:

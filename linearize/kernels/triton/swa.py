@@ -74,6 +74,54 @@ def _scores(b_q, k, ks, j, mj, pos, mr, key_mask, o_d, md, i_hk, scale_log2, win
     return s, valid, b_k
 
 
+@triton.jit
+def _window_softmax(b_q, k, v, key_mask, ks, lo, hi, pos, mr, i_hk, scale_log2, window,
+                    HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BDV: tl.constexpr, o_d, md, o_dv, mdv,
+                    HAS_MASK: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Online softmax of rows (queries ``b_q`` at key positions ``pos``) over keys [lo, hi) of the
+    sequence whose first key is ``ks``: the unnormalised output [BM, BDV], running max and sum
+    (log2 units)."""
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BDV], dtype=tl.float32)
+    for j0 in range(lo, hi, BN):
+        j = j0 + tl.arange(0, BN)
+        mj = j < hi
+        s, valid, b_k = _scores(b_q, k, ks, j, mj, pos, mr, key_mask, o_d, md, i_hk, scale_log2, window,
+                                HKV, D, HAS_MASK, PREC)  # fmt: skip
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        b_v = tl.load(
+            v + ((ks + j)[:, None] * HKV + i_hk) * DV + o_dv[None, :], mask=mj[:, None] & mdv[None, :], other=0.0
+        )
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(b_v.dtype), b_v, PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _window_finish(acc, m_i, l_i, b_s, HAS_SINK: tl.constexpr):
+    """Add the sink log-sum-exp ``b_s`` (natural log, per row) to the denominator and normalise:
+    o [BM, BDV] fp32 and lse [BM] (natural log; -inf and o = 0 where a row saw nothing)."""
+    if HAS_SINK:
+        b_s2 = b_s * 1.4426950408889634
+        m_new = tl.maximum(m_i, b_s2)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.exp2(b_s2 - m_safe)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    seen = l_i > 0
+    b_o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    b_lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    return b_o, b_lse
+
+
 @triton.autotune(configs=configs([{}]), key=["H", "HKV", "D", "DV", "BM", "BN", "HAS_MASK", "HAS_SINK"])
 @triton.jit
 def _fwd_kernel(
@@ -97,36 +145,12 @@ def _fwd_kernel(
     lo = tl.maximum(t_first + off - window + 1, 0)
     hi = t_last + off + 1
 
-    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BM], dtype=tl.float32)
-    acc = tl.zeros([BM, BDV], dtype=tl.float32)
-    for j0 in range(lo, hi, BN):
-        j = j0 + tl.arange(0, BN)
-        mj = j < hi
-        s, valid, b_k = _scores(b_q, k, ks, j, mj, pos, mr, key_mask, o_d, md, i_hk, scale_log2, window,
-                                HKV, D, HAS_MASK, PREC)  # fmt: skip
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        b_v = tl.load(
-            v + ((ks + j)[:, None] * HKV + i_hk) * DV + o_dv[None, :], mask=mj[:, None] & mdv[None, :], other=0.0
-        )
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(b_v.dtype), b_v, PREC)
-        m_i = m_new
-    if HAS_SINK:  # log-sum-exp of the head's sink logits joins the denominator only
-        b_s = tl.load(sink + h, mask=mr, other=float("-inf")) * 1.4426950408889634
-        m_new = tl.maximum(m_i, b_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.exp2(b_s - m_safe)
-        acc = acc * alpha[:, None]
-        m_i = m_new
-    seen = l_i > 0
-    b_o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    b_lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    acc, m_i, l_i = _window_softmax(b_q, k, v, key_mask, ks, lo, hi, pos, mr, i_hk, scale_log2, window,
+                                    HKV, D, DV, BM, BN, BDV, o_d, md, o_dv, mdv, HAS_MASK, PREC)  # fmt: skip
+    b_s = tl.zeros([BM], dtype=tl.float32)
+    if HAS_SINK:
+        b_s = tl.load(sink + h, mask=mr, other=float("-inf"))
+    b_o, b_lse = _window_finish(acc, m_i, l_i, b_s, HAS_SINK)
     tl.store(o + (tq[:, None] * H + h[:, None]) * DV + o_dv[None, :], b_o.to(o.dtype.element_ty),
              mask=mr[:, None] & mdv[None, :])  # fmt: skip
     tl.store(lse + tq * H + h, b_lse, mask=mr)
