@@ -96,6 +96,7 @@ def _add_bench(sub) -> None:
                    help="context of the decode-throughput test (default: largest grid context the teacher allows)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="largest batch tried for throughput (default 256 on cuda, 4 on cpu; 0 skips the test)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own)")
     p.add_argument("--out", default="bench.json", help="JSON results file; the PNG goes beside it (default bench.json)")
 
 
@@ -115,7 +116,7 @@ def _run_bench(args) -> None:
         contexts=mb.parse_contexts(args.contexts), batch=args.batch, device=args.device,
         dtype=args.dtype or ("bfloat16" if cuda else "float32"), decode_steps=args.decode_steps,
         warmup_steps=args.warmup_steps, throughput_context=args.throughput_context,
-        max_batch=args.max_batch if args.max_batch is not None else (256 if cuda else 4),
+        max_batch=args.max_batch if args.max_batch is not None else (256 if cuda else 4), threads=args.threads,
     )
     teacher, converted = mb.load_pair(args.dir, args.teacher, cfg)
     with Progress(transient=True) as bar:
@@ -165,7 +166,79 @@ def _run_finetune(args) -> None:
     logging.getLogger("linearize").info("finetuned checkpoint written to %s", result.model_dir)
 
 
-VERBS = ("convert", "generate", "bench", "finetune")
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a converted checkpoint and its teacher with lm-eval; write the recovery report",
+        description="Run the same lm-eval tasks on the teacher and the converted checkpoint and write the "
+        "recovery report (Markdown, JSON, PNG) into --out and DIR/eval_report.json.",
+    )
+    p.add_argument("dir", help="converted checkpoint folder")
+    p.add_argument("--teacher", default=None, help="the teacher: hub id, folder, .gguf or 'smollm2-135m' (default)")
+    p.add_argument("--tasks", default="linearize_offline",
+                   help="comma-separated lm-eval tasks. Offline (no hub needed): linearize_wiki, linearize_wiki512, "
+                   "linearize_capitals, linearize_passkey, or linearize_offline for all four (default). Standard "
+                   "names (piqa, arc_easy, arc_challenge, hellaswag, winogrande, mmlu, ...) go to lm-eval unchanged")
+    p.add_argument("--limit", type=float, default=None,
+                   help="documents per task (an integer), or a fraction of each task below 1.0")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    p.add_argument("--max-length", type=int, default=None, help="context cap in tokens (default: the model's)")
+    p.add_argument("--passkey-lengths", default="1024,2048,4096,8192",
+                   help="token lengths of the passkey documents (default 1024,2048,4096,8192)")
+    p.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1", help="key positions in [0, 1]")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", default=None, help="report folder (default DIR/eval)")
+
+
+def _run_eval(args) -> None:
+    import torch
+
+    from evals import OfflineTaskConfig, render_markdown, run_recovery
+
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        if not float(limit).is_integer():
+            raise ValueError(f"--limit {limit}: give a whole number of documents or a fraction below 1")
+        limit = int(limit)
+    task_config = OfflineTaskConfig(
+        passkey_lengths=[int(x) for x in args.passkey_lengths.split(",") if x.strip()],
+        passkey_depths=[float(x) for x in args.passkey_depths.split(",") if x.strip()],
+    )
+    report, paths = run_recovery(
+        args.dir, args.teacher, args.tasks.split(","), out_dir=args.out, limit=limit, batch_size=args.batch_size,
+        max_length=args.max_length, num_fewshot=args.num_fewshot, task_config=task_config, device=args.device,
+        dtype=getattr(torch, args.dtype),
+    )
+    print(render_markdown(report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _add_push(sub) -> None:
+    p = sub.add_parser(
+        "push", help="upload a converted checkpoint (with a model card) to the Hugging Face Hub",
+        description="Stage the checkpoint with a generated model card, validate it, then upload it as one "
+        "commit. The token comes from `hf auth login` or HF_TOKEN.",
+    )
+    p.add_argument("dir", help="converted checkpoint folder")
+    p.add_argument("repo_id", help="target repository, 'user/name'")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", default=None, help="branch to upload to (created if missing; default main)")
+    p.add_argument("--base-model", default=None,
+                   help="hub id of the teacher for the card (default: from eval_report.json / training_summary.json)")
+    p.add_argument("--dry-run", metavar="OUT", default=None,
+                   help="write the exact folder that would be uploaded to OUT and validate it; upload nothing")
+
+
+def _run_push(args) -> None:
+    from linearize.hub import push
+
+    where = push(args.dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run,
+                 base_model=args.base_model)
+    print(f"dry run, nothing uploaded: {where}" if args.dry_run else f"uploaded: {where}")
+
+
+VERBS = ("convert", "generate", "bench", "finetune", "eval", "push")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,6 +54,7 @@ class BenchConfig:
     warmup_steps: int = 2  # untimed steps before them
     throughput_context: int | None = None  # None: the largest grid context within the teacher's limit
     max_batch: int = 64  # upper end of the throughput batch search; 0 skips the throughput test
+    threads: int | None = None  # CPU threads for torch (None: leave torch's setting)
     seed: int = 0
 
     def __post_init__(self):
@@ -301,6 +302,8 @@ def run_bench(
     from linearize.sources import model_max_length
 
     device = torch.device(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     limit = model_max_length(teacher_model.config)
     vocab = teacher_model.config.get_text_config().vocab_size
     models = {"teacher": teacher_model, "converted": converted_model}
