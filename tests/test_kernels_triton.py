@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from conftest import RTOL, assert_close_rms  # noqa: E402
+from conftest import assert_close_rms  # noqa: E402
 
 import linearize.kernels as kernels  # noqa: E402
 from linearize.kernels import triton as tk  # noqa: E402
@@ -288,7 +288,8 @@ def liger_reference(q_lin, k_lin, g, q, k, v, window, w, h0=None, cu_seqlens=Non
     parts = []
     for a, b in zip(bounds[:-1], bounds[1:]):  # the window never crosses a sequence boundary
         mask = None if key_mask is None else key_mask[:, a:b]
-        parts.append(sliding_window_attention_ref(q[:, a:b], k[:, a:b], v[:, a:b], window, key_mask=mask, sinks=sinks)[0])
+        o, _ = sliding_window_attention_ref(q[:, a:b], k[:, a:b], v[:, a:b], window, key_mask=mask, sinks=sinks)
+        parts.append(o)
     o_swa = torch.cat(parts, dim=1)
     return w * o_swa.float() + (1 - w) * o_lin.float(), ht
 
@@ -311,8 +312,9 @@ def check_fused(inputs, dtype, window, w, cu_seqlens=None, key_mask=None, sinks=
     assert_close_rms(o, ro, dtype, "o")
     assert_close_rms(ht, rht, dtype, "final state")
     do, dht = torch.randn_like(ro), torch.randn_like(rht)
-    params = [x for x in (q_lin, k_lin, g, q, k, v, h0, sinks) if x is not None]
-    names = [n for n, x in zip("q_lin k_lin g q k v h0 sinks".split(), (q_lin, k_lin, g, q, k, v, h0, sinks)) if x is not None]
+    named = {"q_lin": q_lin, "k_lin": k_lin, "g": g, "q": q, "k": k, "v": v, "h0": h0, "sinks": sinks}
+    names = [n for n, x in named.items() if x is not None]
+    params = [named[n] for n in names]
     loss = (o.float() * do).sum() + (ht * dht).sum()
     rloss = (ro * do).sum() + (rht * dht).sum()
     for name, a, b in zip(names, grads_of(loss, params), grads_of(rloss, params)):

@@ -86,7 +86,9 @@ class FusedLigerAttention(torch.autograd.Function):
     """Autograd wrapper; inputs flattened to ``[B*T, heads, dim]``."""
 
     @staticmethod
-    def forward(ctx, q_lin, k_lin, g, q, k, v, h0, key_mask, sink, seqs, window, w_win, scale_lin, scale_swa, want_final):
+    def forward(
+        ctx, q_lin, k_lin, g, q, k, v, h0, key_mask, sink, seqs, window, w_win, scale_lin, scale_swa, want_final
+    ):
         Ttot, H, K = q_lin.shape
         Hkv, D, V = k_lin.shape[1], q.shape[-1], v.shape[-1]
         gc = chunk_cumsum(g, seqs)
@@ -118,7 +120,7 @@ class FusedLigerAttention(torch.autograd.Function):
         dq_lin, dk_lin, dv_lin, dg, dh0 = gla_backward(
             q_lin, k_lin, v, g, (1.0 - w) * do, dht, ht, h0, seqs, ctx.scale_lin
         )
-        win = make_windows(list(seqs.offsets), list(seqs.offsets), q.shape[1] // k.shape[1], ctx.window, q.device)
+        win = make_windows(seqs.offsets, seqs.offsets, q.shape[1] // k.shape[1], ctx.window, q.device)
         dq, dk, dv_swa, dsink = swa_backward(q, k, v, o_swa, lse, w * do, None, key_mask, sink, win, ctx.scale_swa)
         dv = (dv_lin.float() + dv_swa.float()).to(v.dtype)
         return dq_lin, dk_lin, dg, dq, dk, dv, dh0, None, dsink, *([None] * 6)

@@ -36,6 +36,7 @@ for fp32 inputs).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
@@ -517,7 +518,18 @@ class Seqs:
 
 
 def make_seqs(B: int, T: int, cu_seqlens: torch.Tensor | None, chunk: int, device: torch.device) -> Seqs:
-    offsets = seq_offsets(B, T, cu_seqlens)
+    """Tables of a padded batch (cached: no host-to-device copy per call) or of packed sequences."""
+    if cu_seqlens is None:
+        return _batch_seqs(B, T, chunk, device)
+    return _seqs(tuple(seq_offsets(B, T, cu_seqlens)), chunk, device)
+
+
+@lru_cache(maxsize=64)
+def _batch_seqs(B: int, T: int, chunk: int, device: torch.device) -> Seqs:
+    return _seqs(tuple(seq_offsets(B, T, None)), chunk, device)
+
+
+def _seqs(offsets: tuple[int, ...], chunk: int, device: torch.device) -> Seqs:
     blocks, first = chunk_table(offsets, chunk, device)
     cu = torch.tensor(offsets, dtype=torch.int32, device=device)
     return Seqs(cu, blocks, first, len(offsets) - 1, blocks.shape[0], chunk, tuple(offsets))

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
 from ..validate import check_swa_inputs
-from ._utils import INTERPRET, _dot, block, check_device, check_float, chunk_table, configs, dot_precision, full_block
+from ._utils import INTERPRET, _dot, check_device, check_float, chunk_table, configs, dot_precision, full_block
 
 BLOCK_M = 16 if INTERPRET else 64
 """Packed query rows per program (flash-attention's usual 64 for head dims <= 128)."""
@@ -222,8 +223,9 @@ def _bwd_dkdv_kernel(
     md, mdv = o_d < D, o_dv < DV
     b_k = tl.load(k + ((ks + j)[:, None] * HKV + i_hk) * D + o_d[None, :], mask=mj[:, None] & md[None, :], other=0.0)
     b_v = tl.load(v + ((ks + j)[:, None] * HKV + i_hk) * DV + o_dv[None, :], mask=mj[:, None] & mdv[None, :], other=0.0)
+    keep = mj
     if HAS_MASK:
-        keep = tl.load(key_mask + ks + j, mask=mj, other=0) != 0
+        keep = keep & (tl.load(key_mask + ks + j, mask=mj, other=0) != 0)
     j_lo = j_first - ks
     j_hi = tl.minimum(j_lo + BN, Lk) - 1
     t_lo = tl.maximum(j_lo - off, 0)
@@ -244,9 +246,7 @@ def _bwd_dkdv_kernel(
         b_lse = tl.load(lse + tq * H + h, mask=mr, other=0.0) * 1.4426950408889634
         b_delta = tl.load(delta + tq * H + h, mask=mr, other=0.0)
         s = _dot(b_q, tl.trans(b_k), PREC) * scale_log2  # [BM, BN]
-        valid = mr[:, None] & mj[None, :] & (j[None, :] <= pos[:, None]) & (j[None, :] > pos[:, None] - window)
-        if HAS_MASK:
-            valid = valid & keep[None, :]
+        valid = mr[:, None] & keep[None, :] & (j[None, :] <= pos[:, None]) & (j[None, :] > pos[:, None] - window)
         p = tl.where(valid, tl.exp2(tl.where(valid, s - b_lse[:, None], 0.0)), 0.0)
         b_dv += _dot(tl.trans(p).to(b_do.dtype), b_do, PREC)
         dp = _dot(b_do, tl.trans(b_v), PREC)
@@ -274,7 +274,12 @@ class Windows:
     window: int
 
 
-def make_windows(q_offsets: list[int], k_offsets: list[int], group: int, window: int, device) -> Windows:
+@lru_cache(maxsize=64)
+def make_windows(
+    q_offsets: tuple[int, ...], k_offsets: tuple[int, ...], group: int, window: int, device: torch.device
+) -> Windows:
+    """Tables for sequences n with queries [q_offsets[n], q_offsets[n+1]) over keys [k_offsets[n], ...)
+    (cached, so repeated shapes cost no host-to-device copy)."""
     rows, _ = chunk_table([group * x for x in q_offsets], BLOCK_M, device)
     keys, _ = chunk_table(k_offsets, BLOCK_N, device)
     cu_q = torch.tensor(q_offsets, dtype=torch.int32, device=device)
@@ -382,6 +387,7 @@ def sliding_window_attention(
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     scale = D**-0.5 if scale is None else float(scale)
-    win = make_windows([b * Tq for b in range(B + 1)], [b * Tk for b in range(B + 1)], H // k.shape[2], window, q.device)
+    q_offsets, k_offsets = tuple(b * Tq for b in range(B + 1)), tuple(b * Tk for b in range(B + 1))
+    win = make_windows(q_offsets, k_offsets, H // k.shape[2], window, q.device)
     o, lse = SlidingWindowAttention.apply(qf, kf, vf, mask, sink, win, scale)
     return o.reshape(B, Tq, H, v.shape[-1]), lse.reshape(B, Tq, H)
