@@ -32,7 +32,7 @@ def check_same_tokenizer(teacher_tok, student_tok) -> None:
 
 def run_recovery(
     student: str | Path,
-    teacher: str | Path,
+    teacher: str | Path | None = None,
     tasks=("linearize_offline",),
     *,
     out_dir: str | Path | None = None,
@@ -47,14 +47,17 @@ def run_recovery(
 ) -> tuple[dict, dict[str, Path]]:
     """Evaluate ``teacher`` then ``student`` (a checkpoint folder) with identical settings.
 
+    ``teacher``: anything ``linearize.sources`` resolves (None: the offline default, smollm2-135m).
+
     Writes ``report.{json,md,png}`` and the offline task folder (``tasks/``, usable as lm-eval's
     ``--include_path``) into ``out_dir`` (default ``<student>/eval``), and, if
     ``write_to_checkpoint``, ``<student>/eval_report.json`` for the model card.
     Returns ``(report, paths)``.
     """
-    from linearize.sources import load_model, load_tokenizer
+    from linearize.sources import DEFAULT_MODEL, load_model, load_tokenizer
 
     student = Path(student)
+    teacher = str(teacher) if teacher is not None else DEFAULT_MODEL
     if not (student / "config.json").is_file():
         raise FileNotFoundError(f"{student} is not a checkpoint folder (no config.json); pass a converted folder")
     task_config = task_config or OfflineTaskConfig()
@@ -68,12 +71,12 @@ def run_recovery(
     }
 
     student_tok = load_tokenizer(str(student))
-    teacher_tok = load_tokenizer(str(teacher))
+    teacher_tok = load_tokenizer(teacher)
     check_same_tokenizer(teacher_tok, student_tok)
     include = prepare_tasks(out / "tasks", student_tok, task_config, offline) if offline else None
 
     results = {}
-    for role, source, tok in (("teacher", str(teacher), teacher_tok), ("student", str(student), student_tok)):
+    for role, source, tok in (("teacher", teacher, teacher_tok), ("student", str(student), student_tok)):
         logger.info("evaluating the %s %s on %s", role, source, ", ".join(names))
         model = load_model(source, dtype=dtype, device=device)
         results[role] = evaluate(model, tok, names, limit=limit, batch_size=batch_size, max_length=max_length,
@@ -82,7 +85,7 @@ def run_recovery(
             del model
             gc.collect()
 
-    report = build_report(results["teacher"], results["student"], names, teacher=str(teacher),
+    report = build_report(results["teacher"], results["student"], names, teacher=teacher,
                           student=str(student), settings=settings)
     paths = write_report(report, out, checkpoint_dir=student if write_to_checkpoint else None)
     logger.info("recovery report written to %s", paths["markdown"])

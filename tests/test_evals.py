@@ -240,18 +240,24 @@ def test_report_rows_average_and_files(tmp_path):
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_run_recovery_on_a_converted_checkpoint(tmp_path, model, tok):
+def test_linearize_eval_cli_on_a_converted_checkpoint(tmp_path, model, tok, capsys):
     linearize = pytest.importorskip("linearize")
-    from evals.recovery import run_recovery
+    import cli
 
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
     model.save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
     student = linearize.convert(tiny_llama(len(tok)))
     linearize.save_converted(student, student_dir, tok)
-    report, paths = run_recovery(student_dir, teacher_dir, [CAPITALS], limit=4, batch_size=4, task_config=TASK_CONFIG)
-    rows = {r["task"]: r for r in report["tasks"]}
-    docs = read_docs(paths["json"].parent / "tasks", CAPITALS, 4)
-    assert rows[CAPITALS]["teacher"] == pytest.approx(mc_accuracy(model, tok, docs))
-    assert rows[CAPITALS]["student"] == pytest.approx(mc_accuracy(student, tok, docs))
-    assert (student_dir / "eval_report.json").is_file() and paths["markdown"].is_file()
+    code = cli.main(["eval", str(student_dir), "--teacher", str(teacher_dir), "--tasks", CAPITALS, "--limit", "4",
+                     "--batch-size", "4"])
+    assert code == 0
+    report = json.loads((student_dir / "eval_report.json").read_text())
+    assert report == json.loads((student_dir / "eval" / "report.json").read_text())
+    (row,) = report["tasks"]
+    docs = read_docs(student_dir / "eval" / "tasks", CAPITALS, 4)
+    assert row["n"] == 4
+    assert row["teacher"] == pytest.approx(mc_accuracy(model, tok, docs))
+    assert row["student"] == pytest.approx(mc_accuracy(student, tok, docs))
+    assert "| linearize_capitals | acc ↑ | 4 |" in capsys.readouterr().out
+    assert (student_dir / "eval" / "report.png").is_file() and (student_dir / "eval" / "report.md").is_file()
