@@ -1,0 +1,479 @@
+"""The finetuning recipe: one typed dataclass tree. YAML keys, ``key=value`` overrides and the
+``linearize finetune --help`` text all come from it.
+
+A recipe says which teacher to load, how to convert it (``conversion``: a
+:class:`linearize.config.ConversionConfig`), which text to train on (``data``), which stages to
+run (``stages``: ``attention_transfer`` and/or ``lora``, each with its own optimiser settings) and
+how (``train``: batch, precision, checkpoints). Every field is documented once, in the string under
+it; :func:`recipe_help` turns those strings into the CLI help.
+
+    recipe = load_recipe("recipes/smollm2-135m-cpu-lizard.yaml", ["lora.r=16", "train.seed=1"])
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import os
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .config import ConversionConfig
+
+STAGES = ("attention_transfer", "lora")
+SCHEDULES = ("cosine", "constant", "linear")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
+FORMATS = ("auto", "text", "alpaca", "chat")
+
+
+class RecipeError(ValueError):
+    """A recipe key or value is wrong; the message names the key and where it came from."""
+
+
+@dataclass
+class DataConfig:
+    """Which text to train on and how it becomes fixed-length token blocks."""
+
+    source: str = "gensim-wiki"
+    """Where the text comes from: a hub dataset id (e.g. ``yahma/alpaca-cleaned``), a local
+    ``.json``/``.jsonl``/``.txt``/``.parquet`` file, a folder or glob of them, or ``gensim-wiki``
+    (the offline English Wikipedia sample shipped with gensim; its last 20 articles are held out)."""
+    name: str | None = None
+    """Configuration (subset) name of a hub dataset."""
+    split: str = "train"
+    """Split of the source to train on."""
+    validation_split: str | None = None
+    """Split of the source used for held-out perplexity (e.g. ``validation``; ``heldout`` for
+    ``gensim-wiki``). Left out: ``validation_samples`` documents are held out of the train split."""
+    validation_samples: int = 0
+    """Documents taken out of the train split for held-out perplexity when there is no
+    ``validation_split`` (0: no validation unless the source has a held-out split)."""
+    format: Literal["auto", "text", "alpaca", "chat"] = "auto"
+    """How a row becomes text: ``text`` uses ``text_field``; ``alpaca`` the Stanford Alpaca prompt
+    over ``instruction``/``input``/``output``; ``chat`` the tokenizer's chat template over
+    ``messages`` or the Alpaca fields; ``auto`` picks from the columns (Alpaca fields go through the
+    chat template when the tokenizer has one)."""
+    text_field: str = "text"
+    """Column holding the text for ``format: text``."""
+    max_samples: int | None = None
+    """Use at most this many training documents (after shuffling), e.g. Liger's 50K Alpaca rows."""
+    shuffle: bool = True
+    """Shuffle documents (seeded by ``train.seed``) before taking ``max_samples`` and validation."""
+    seq_len: int = 1024
+    """Tokens per packed training sequence. Documents are joined with EOS and cut into blocks."""
+    max_tokens: int | None = None
+    """Token budget: keep at most this many packed training tokens (whole blocks); epochs repeat them."""
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("source must name a dataset, a file or 'gensim-wiki'")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2 tokens, got {self.seq_len}")
+        if self.validation_samples < 0:
+            raise ValueError(f"validation_samples must be >= 0, got {self.validation_samples}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1 or null, got {self.max_samples}")
+        if self.max_tokens is not None and self.max_tokens < self.seq_len:
+            raise ValueError(f"max_tokens={self.max_tokens} is less than one block of seq_len={self.seq_len}")
+
+
+@dataclass
+class StageOptim:
+    """Optimiser and schedule of one stage (AdamW)."""
+
+    epochs: float = 1.0
+    """Passes over the packed training blocks (fractions allowed)."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps (caps ``epochs``)."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warmup steps at the start of the stage."""
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    """Learning-rate schedule after warmup (transformers' ``get_scheduler``)."""
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class AttentionTransferConfig(StageOptim):
+    """Stage 1: train only what the conversion added (gates, mix weights, sinks, feature maps) to
+    match each layer's teacher attention output on the teacher's own hidden states (sum of per-layer
+    MSEs; layers are independent)."""
+
+
+@dataclass
+class LoraConfig(StageOptim):
+    """Stage 2: peft LoRA on the reused projections, next-token cross-entropy (+ optional KL to the
+    teacher's logits)."""
+
+    r: int = 8
+    """LoRA rank (Liger and Lizard: 8)."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / r (Lizard: 16)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    """Module names that get LoRA adapters (Liger and Lizard: q, k, v projections)."""
+    train_conversion_parameters: bool = True
+    """Also train what the conversion added (gates, mix weights, sinks, feature maps)."""
+    kl_weight: float = 0.0
+    """Weight of KL(teacher ‖ student) on the next-token distributions (0: cross-entropy only). The
+    teacher is the same model with adapters disabled and softmax attention."""
+    kl_temperature: float = 1.0
+    """Softmax temperature of the KL term (the term is scaled by T²)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ValueError("targets must name at least one module, e.g. [q_proj, k_proj, v_proj]")
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if self.kl_temperature <= 0:
+            raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
+
+
+@dataclass
+class TrainConfig:
+    """How every stage runs: batch, precision, checkpoints, logging."""
+
+    batch_size: int = 8
+    """Sequences per micro-step across all processes (split between them, so a recipe takes the
+    same steps on 1 or N devices). Must be a multiple of the number of processes."""
+    grad_accum: int = 1
+    """Micro-steps per optimiser step (effective batch = batch_size × grad_accum sequences)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Mixed precision of forward/backward (accelerate autocast); master weights stay in
+    ``model_dtype``. fp16 applies to the LoRA stage (attention transfer then runs in fp32)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this (null: no clipping)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass of the LoRA stage (less memory, ~30% slower)."""
+    seed: int = 0
+    """Seed of initialisation, data order and dropout."""
+    eval_every: int = 0
+    """Held-out loss every this many optimiser steps (0: only before and after training)."""
+    eval_batches: int | None = None
+    """Evaluate on at most this many validation batches (null: all of them)."""
+    save_every: int = 0
+    """Write a checkpoint every this many optimiser steps (0: only at the end of each stage)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (older ones are deleted)."""
+    log_every: int = 10
+    """Log loss and throughput every this many optimiser steps."""
+    tensorboard: bool = True
+    """Log to TensorBoard (under ``output_dir/logs``) when ``tensorboard`` is installed."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            raise ValueError(f"eval_batches must be >= 1 or null, got {self.eval_batches}")
+
+
+@dataclass
+class Recipe:
+    """A finetuning recipe: teacher, conversion, data, stages, training settings, output folder."""
+
+    model: str = "smollm2-135m"
+    """Teacher: hub id, local HF folder, ``.gguf`` file, or ``smollm2-135m`` (the offline default)."""
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype the teacher's weights are loaded in (the master weights during training)."""
+    conversion: ConversionConfig = field(default_factory=ConversionConfig)
+    """How each attention layer is converted (see ``linearize convert --help``)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training text."""
+    stages: list[Literal["attention_transfer", "lora"]] = field(default_factory=lambda: ["lora"])
+    """Stages to run, in order: ``attention_transfer`` and/or ``lora``."""
+    attention_transfer: AttentionTransferConfig = field(default_factory=AttentionTransferConfig)
+    """Settings of the attention-transfer stage."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Settings of the LoRA stage."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batch, precision, checkpoints and logging, shared by the stages."""
+    output_dir: str = "runs/finetune"
+    """Folder for checkpoints, the merged model (``model/``), the adapter (``adapter/``) and
+    ``training_summary.json``."""
+    accelerate_config: str | None = None
+    """The accelerate config this recipe is meant to run under (relative paths are relative to the
+    recipe file), e.g. FSDP on 8 GPUs: launch with ``accelerate launch --config_file <it> -m
+    linearize finetune <recipe>``. Informational: a run with another setup logs a warning."""
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("stages is empty: a recipe must run attention_transfer and/or lora")
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages lists a stage twice: {self.stages}")
+        if self.stages == ["lora", "attention_transfer"]:
+            raise ValueError("attention_transfer must come before lora (it trains the unadapted model)")
+        if not self.output_dir:
+            raise ValueError("output_dir must name a folder")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- building from plain data ----------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+@lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (nested dataclasses built)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except RecipeError as err:
+                errors.append(err)
+        raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise RecipeError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key}: expected a list ({_type_name(tp)}), got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML 1.1 reads ``1e-3`` (no dot) as a string: accept numeric strings for float fields.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise RecipeError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"recipe field {key} has an unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and type."""
+    where = prefix or "the recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping of settings, got {data!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        bad = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise RecipeError(f"unknown key '{bad}'; keys of {where}: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except RecipeError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"{where}: {err}") from err
+
+
+def recipe_from_dict(data: dict[str, Any], origin: str = "recipe") -> Recipe:
+    """Validate a plain mapping into a :class:`Recipe`; errors name the key and ``origin``."""
+    try:
+        return _build(Recipe, data)
+    except RecipeError as err:
+        raise RecipeError(f"{origin}: {err}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``lora.r=16`` -> (["lora", "r"], 16). The value is read as YAML (``[0, 5]``, ``null``, ``true``)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {text!r} is not of the form dotted.key=value (e.g. lora.r=16)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {text!r}: the value is not valid YAML ({err})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``dotted.key=value`` in a copy of ``data`` (the nested recipe mapping)."""
+    import copy
+
+    out = copy.deepcopy(data) if data else {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {text!r}: '{'.'.join(path[: i + 1])}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML (or start from the defaults when ``path`` is None) and apply overrides.
+
+    Errors are :class:`RecipeError` (a ``ValueError``) naming the bad key and the file, or
+    ``command line`` when an override was at fault.
+    """
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping of settings, got {type(data).__name__}")
+        origin = str(path)
+        recipe_from_dict(data, origin)  # report file errors as file errors, before overrides
+        launch = data.get("accelerate_config")
+        if isinstance(launch, str) and not Path(launch).is_absolute():
+            data["accelerate_config"] = str((path.parent / launch).resolve())
+    if overrides:
+        data = apply_overrides(data, overrides)
+        origin = f"{origin} with command-line overrides {' '.join(overrides)}"
+    return recipe_from_dict(data, origin)
+
+
+# --- help text -----------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (and of its dataclass bases)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
+    return docs
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _help_lines(cls: type, prefix: str, width: int) -> list[str]:
+    lines: list[str] = []
+    docs = field_docs(cls)
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{key}:  {docs.get(f.name, '')}")
+            lines.extend(_help_lines(tp, f"{key}.", width))
+            continue
+        default = _default(f)
+        shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
+        shown = shown.removesuffix("\n...").strip()
+        lines.append(f"  {key} ({_type_name(tp)}, default {shown})")
+        doc = docs.get(f.name, "")
+        if doc:
+            lines.extend(textwrap.wrap(doc, width, initial_indent="      ", subsequent_indent="      "))
+    return lines
+
+
+def recipe_help(width: int = 96) -> str:
+    """Every recipe key with its type, default and documentation (the CLI's ``--help`` epilog)."""
+    return "\n".join(_help_lines(Recipe, "", width))
+
+
+__all__ = [
+    "AttentionTransferConfig", "DataConfig", "LoraConfig", "Recipe", "RecipeError", "StageOptim",
+    "TrainConfig", "apply_overrides", "field_docs", "load_recipe", "parse_override", "recipe_from_dict",
+    "recipe_help",
+]
