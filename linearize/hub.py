@@ -323,7 +323,7 @@ def _hub_api(token: str | None, endpoint: str | None):
     except OSError as err:
         raise HubError(f"the hub is unreachable ({err}); nothing was uploaded") from err
     except Exception as err:  # httpx/requests transport errors differ between huggingface_hub versions
-        if type(err).__module__.split(".")[0] in ("httpx", "httpcore", "requests", "urllib3"):
+        if type(err).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3"):
             raise HubError(f"the hub is unreachable ({type(err).__name__}: {err}); nothing was uploaded") from err
         raise
     return api
