@@ -132,7 +132,7 @@ class HybridAttention(nn.Module):
         if cfg.normalizer != "none":
             v_lin = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # last column accumulates z
         o_lin, state = gated_linear_attention(
-            fq, fk, v_lin, log_g.to(fq.dtype) if fq.dtype == torch.float32 else log_g.float(),
+            fq, fk, v_lin, log_g.float(),  # decays stay fp32 whatever the activations' dtype
             scale=1.0,
             initial_state=None if layer is None else layer.state,
             output_final_state=layer is not None,
