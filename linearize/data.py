@@ -117,6 +117,8 @@ def load_rows(cfg: DataConfig, split: str):
                 f"data.validation_split={split!r}: local files have only a train split; "
                 "use data.validation_samples to hold documents out"
             )
+        if all(os.path.getsize(f) == 0 for f in files):
+            raise ValueError(f"data source {cfg.source!r} is empty: {', '.join(files)} hold no text")
         return datasets.load_dataset(_builder(files), data_files=files, split="train")
     return datasets.load_dataset(cfg.source, cfg.name, split=split)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import logging
 import math
 import shutil
 import time
@@ -37,11 +36,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from accelerate.logging import get_logger
 
 from .data import PackedData, build_data, iter_batches
 from .recipe import LoraConfig, Recipe, StageOptim
 
-logger = logging.getLogger(__name__)
+# accelerate's logger: records go out on the main process only (one line per event, not per process).
+logger = get_logger(__name__)
 
 SUMMARY_FILE = "training_summary.json"
 STATE_FILE = "trainer_state.json"
@@ -287,10 +288,11 @@ class _Run:
     """State shared by the stages of one :func:`finetune` call."""
 
     def __init__(self, recipe: Recipe, accelerator, model, tokenizer, data: PackedData, state: dict,
-                 checkpoints: _Checkpoints, callback: StepCallback | None, elapsed_before: float):
+                 checkpoints: _Checkpoints, callback: StepCallback | None, elapsed_before: float,
+                 session_start: float):
         self.recipe, self.acc, self.model, self.tokenizer, self.data = recipe, accelerator, model, tokenizer, data
         self.state, self.checkpoints, self.callback = state, checkpoints, callback
-        self.session_start = time.perf_counter()
+        self.session_start = session_start
         self.elapsed_before = elapsed_before
         self.trackers = False
 
@@ -635,6 +637,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, model: nn.Module | None = 
     from .mixers import teacher_attention
     from .sources import load_teacher, model_max_length
 
+    start = time.perf_counter()
     tc = recipe.train
     out = Path(recipe.output_dir)
     accelerator = _make_accelerator(recipe, out)
@@ -680,7 +683,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, model: nn.Module | None = 
     else:
         state = _new_state(recipe, accelerator, data, plans)
         elapsed_before = 0.0
-    run = _Run(recipe, accelerator, model, tokenizer, data, state, checkpoints, callback, elapsed_before)
+    run = _Run(recipe, accelerator, model, tokenizer, data, state, checkpoints, callback, elapsed_before, start)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / RECIPE_FILE).write_text(recipe.to_yaml())
