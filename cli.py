@@ -178,8 +178,9 @@ def _add_eval(sub) -> None:
                    help="comma-separated lm-eval tasks. Offline (no hub needed): linearize_wiki, linearize_wiki512, "
                    "linearize_capitals, linearize_passkey, or linearize_offline for all four (default). Standard "
                    "names (piqa, arc_easy, arc_challenge, hellaswag, winogrande, mmlu, ...) go to lm-eval unchanged")
-    p.add_argument("--limit", type=float, default=None,
-                   help="documents per task (an integer), or a fraction of each task below 1.0")
+    p.add_argument("--limit", default=None,
+                   help="documents per task: N, a fraction below 1, or per task, e.g. 8,linearize_capitals=100 "
+                   "(a bare number covers the tasks not named)")
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     p.add_argument("--max-length", type=int, default=None, help="context cap in tokens (default: the model's)")
@@ -196,11 +197,9 @@ def _run_eval(args) -> None:
 
     from evals import OfflineTaskConfig, render_markdown, run_recovery
 
-    limit = args.limit
-    if limit is not None and limit >= 1:
-        if not float(limit).is_integer():
-            raise ValueError(f"--limit {limit}: give a whole number of documents or a fraction below 1")
-        limit = int(limit)
+    from evals.runner import parse_limit
+
+    limit = parse_limit(args.limit)
     task_config = OfflineTaskConfig(
         passkey_lengths=[int(x) for x in args.passkey_lengths.split(",") if x.strip()],
         passkey_depths=[float(x) for x in args.passkey_depths.split(",") if x.strip()],

@@ -36,7 +36,7 @@ def run_recovery(
     tasks=("linearize_offline",),
     *,
     out_dir: str | Path | None = None,
-    limit: int | float | None = None,
+    limit: int | float | dict | None = None,
     batch_size: int = 8,
     max_length: int | None = None,
     num_fewshot: int | None = None,

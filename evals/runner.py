@@ -48,7 +48,7 @@ def evaluate(
     tokenizer,
     tasks,
     *,
-    limit: int | float | None = None,
+    limit: int | float | dict | None = None,
     batch_size: int = 8,
     max_length: int | None = None,
     num_fewshot: int | None = None,
@@ -57,6 +57,10 @@ def evaluate(
     lm=None,
 ) -> dict:
     """Evaluate one model; returns lm-eval's results dict (``results``, ``n-samples``, ...).
+
+    ``limit``: documents per task (an int, a fraction below 1, or None for all), or a dict
+    ``{task: limit}`` whose key ``"*"`` covers the tasks it does not name (see :func:`parse_limit`);
+    tasks with different limits run as separate lm-eval calls and their results are merged.
 
     ``include_path``: a folder written by ``evals.data.prepare_tasks`` for this tokenizer and
     ``task_config`` (if None and offline tasks are asked for, they are built in a temporary folder).
@@ -75,18 +79,58 @@ def evaluate(
             include = str(prepare_tasks(tmp, tokenizer, task_config, offline))
         # Indexing lm-eval's ~15K built-in task files takes ~10 s: skip it for offline-only runs.
         manager = TaskManager(include_path=include, include_defaults=bool(standard))
-        results = simple_evaluate(
-            model=lm,
-            tasks=offline + standard,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=manager,
-            bootstrap_iters=0,  # stderr by bootstrap spawns worker pools; the report computes acc stderr
-            log_samples=False,
-        )
-    if results is None:  # lm-eval returns None on non-zero ranks of a distributed run
-        raise RuntimeError("lm-eval returned no results (not rank 0 of a distributed run?)")
-    return results
+        merged: dict = {}
+        for group_limit, group in _limit_groups(offline + standard, limit):
+            results = simple_evaluate(
+                model=lm,
+                tasks=group,
+                num_fewshot=num_fewshot,
+                limit=group_limit,
+                task_manager=manager,
+                bootstrap_iters=0,  # stderr by bootstrap spawns worker pools; the report computes acc stderr
+                log_samples=False,
+            )
+            if results is None:  # lm-eval returns None on non-zero ranks of a distributed run
+                raise RuntimeError("lm-eval returned no results (not rank 0 of a distributed run?)")
+            _merge_results(merged, results)
+    return merged
+
+
+def parse_limit(text: str | None) -> int | float | dict | None:
+    """``"20"`` -> 20, ``"0.1"`` -> 0.1, ``"8,linearize_capitals=100"`` -> {"*": 8, "linearize_capitals": 100}."""
+    if text is None or not str(text).strip():
+        return None
+    per_task: dict = {}
+    for item in str(text).split(","):
+        name, _, value = item.strip().rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"--limit item {item!r}: expected N, a fraction below 1, or task=N") from None
+        if number <= 0 or (number >= 1 and not number.is_integer()):
+            raise ValueError(f"--limit item {item!r}: use a whole number of documents or a fraction in (0, 1)")
+        per_task[name.strip() or "*"] = int(number) if number >= 1 else number
+    return per_task["*"] if list(per_task) == ["*"] else per_task
+
+
+def _limit_groups(tasks: list[str], limit) -> list[tuple[int | float | None, list[str]]]:
+    if not isinstance(limit, dict):
+        return [(limit, tasks)]
+    unknown = set(limit) - set(tasks) - {"*"}
+    if unknown:
+        raise ValueError(f"--limit names tasks that are not evaluated: {sorted(unknown)}")
+    groups: dict = {}
+    for task in tasks:
+        groups.setdefault(limit.get(task, limit.get("*")), []).append(task)
+    return list(groups.items())
+
+
+def _merge_results(into: dict, results: dict) -> None:
+    for key, value in results.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            into[key].update(value)
+        else:
+            into.setdefault(key, value)
 
 
 def _check_passkey_fits(lm, offline: list[str], config: OfflineTaskConfig) -> None:

@@ -15,7 +15,7 @@ pytest.importorskip("gensim")
 from evals.config import CAPITALS, PASSKEY, WIKI, WIKI_WINDOWS, OfflineTaskConfig  # noqa: E402
 from evals.data import PASSKEY_NEEDLE, PASSKEY_QUESTION, passkey_doc, prepare_tasks  # noqa: E402
 from evals.report import build_report, render_markdown, write_report  # noqa: E402
-from evals.runner import evaluate, split_tasks  # noqa: E402
+from evals.runner import evaluate, parse_limit, split_tasks  # noqa: E402
 from linearize.offline_text import WIKI_HELDOUT_ARTICLES, capital_analogies, wiki_articles  # noqa: E402
 from tiny_tokenizer import byte_tokenizer  # noqa: E402
 
@@ -130,6 +130,14 @@ def test_windows_are_token_spans(tasks_dir, tok):
     assert all(d["text"] in heldout[d["title"]] for d in docs)
 
 
+def test_parse_limit():
+    assert parse_limit("20") == 20 and parse_limit("0.25") == 0.25 and parse_limit(None) is None
+    assert parse_limit("8, linearize_capitals=100") == {"*": 8, CAPITALS: 100}
+    for bad in ("x", "2.5", "0", "a=b"):
+        with pytest.raises(ValueError, match="--limit"):
+            parse_limit(bad)
+
+
 def test_split_tasks():
     assert split_tasks("piqa,linearize_offline,piqa") == ([WIKI, WIKI_WINDOWS, CAPITALS, PASSKEY], ["piqa"])
     with pytest.raises(ValueError, match="no tasks"):
@@ -140,10 +148,13 @@ def test_split_tasks():
 
 def test_offline_tasks_through_lm_eval_match_direct_scores(model, tok, tasks_dir):
     tasks = [WIKI, WIKI_WINDOWS, CAPITALS]
-    results = evaluate(model, tok, tasks, limit=LIMIT, batch_size=4, task_config=TASK_CONFIG, include_path=tasks_dir)
+    limit = {"*": LIMIT, CAPITALS: LIMIT + 2}  # per-task limits: two lm-eval calls, merged
+    results = evaluate(model, tok, tasks, limit=limit, batch_size=4, task_config=TASK_CONFIG, include_path=tasks_dir)
     got = results["results"]
+    assert {t: results["n-samples"][t]["effective"] for t in tasks} == {WIKI: LIMIT, WIKI_WINDOWS: LIMIT,
+                                                                        CAPITALS: LIMIT + 2}
 
-    docs = read_docs(tasks_dir, CAPITALS, LIMIT)
+    docs = read_docs(tasks_dir, CAPITALS, LIMIT + 2)
     assert got[CAPITALS]["acc,none"] == pytest.approx(mc_accuracy(model, tok, docs))
 
     docs = read_docs(tasks_dir, WIKI, LIMIT)
