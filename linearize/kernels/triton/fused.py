@@ -65,10 +65,14 @@ def _fused_fwd_kernel(
     o_d = tl.arange(0, BD)
     md = o_d < D
     b_q = _tile(q + i_h * D, ti, mi, H * D, o_d, md)
-    lo = tl.maximum(r0 - window + 1, bos)
-    hi = tl.minimum(r0 + BC, eos)
-    acc, m_i, l_i = _window_softmax(b_q, k, v, key_mask, 0, lo, hi, ti, mi, i_hk, scale_log2, window,
-                                    HKV, D, V, BC, BN, BV, o_d, md, o_v, mv, HAS_MASK, PREC)  # fmt: skip
+    pos = (ti - bos).to(tl.int32)  # positions inside the sequence
+    p0 = (r0 - bos).to(tl.int32)
+    lo = tl.maximum(p0 - window + 1, 0)
+    hi = tl.minimum(p0 + BC, (eos - bos).to(tl.int32))
+    acc, m_i, l_i = _window_softmax(
+        b_q, k + (bos * HKV + i_hk) * D, v + (bos * HKV + i_hk) * V, key_mask, bos, lo, hi, pos, mi, scale_log2, window,
+        HKV * D, HKV * V, BC, BN, BV, o_d, md, o_v, mv, HAS_MASK, PREC,
+    )  # fmt: skip
     b_s = tl.zeros([BC], dtype=tl.float32)
     if HAS_SINK:
         b_s += tl.load(sink + i_h)

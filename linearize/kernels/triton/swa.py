@@ -40,33 +40,34 @@ from ._utils import INTERPRET, _dot, check_device, check_float, chunk_table, con
 BLOCK_M = 16 if INTERPRET else 64
 """Packed query rows per program (flash-attention's usual 64 for head dims <= 128)."""
 BLOCK_N = 16 if INTERPRET else 64
-"""Keys per tile."""
+"""Keys per tile (forward; keys per program in the dk/dv kernel)."""
+BLOCK_BWD = 16 if INTERPRET else 32
+"""Backward inner tiles: keys per step of the dq kernel, packed rows per step of the dk/dv kernel
+(64 spills registers at head dim 128: ``python -m linearize.kernels.triton.compile_check``)."""
 LOG2E = math.log2(math.e)
 
 
 @triton.jit
 def _rows(blocks, i_b, cu_q, cu_k, G: tl.constexpr, BM: tl.constexpr):
-    """Sequence geometry of row block ``i_b``: local packed rows, their validity, query index t,
-    head-in-group, the sequence's first query/key token, lengths and the query offset in the keys."""
+    """Geometry of row block ``i_b``: the sequence's first query and key token (int64), its query
+    and key lengths, the query offset in the keys, and the block's first local packed row (int32)."""
     n = tl.load(blocks + 2 * i_b)
     r_first = tl.load(blocks + 2 * i_b + 1).to(tl.int64)
     qs = tl.load(cu_q + n).to(tl.int64)
-    Lq = tl.load(cu_q + n + 1).to(tl.int64) - qs
+    Lq = tl.load(cu_q + n + 1) - tl.load(cu_q + n)
     ks = tl.load(cu_k + n).to(tl.int64)
-    Lk = tl.load(cu_k + n + 1).to(tl.int64) - ks
-    r_lo = r_first - G * qs  # local packed row of the block's first row
-    r = r_lo + tl.arange(0, BM)
-    mr = r < G * Lq
-    return r_lo, r, mr, r // G, r % G, qs, Lq, ks, Lk, Lk - Lq
+    Lk = tl.load(cu_k + n + 1) - tl.load(cu_k + n)
+    r_lo = (r_first - G * qs).to(tl.int32)  # local packed row of the block's first row
+    return qs, Lq, ks, Lk, Lk - Lq, r_lo
 
 
 @triton.jit
-def _scores(b_q, k, ks, j, mj, pos, mr, key_mask, o_d, md, i_hk, scale_log2, window,
-            HKV: tl.constexpr, D: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """Scores (log2 units) of rows against keys ``j`` and which of them are visible."""
-    b_k = tl.load(
-        k + ((ks + j)[:, None] * HKV + i_hk) * D + o_d[None, :], mask=mj[:, None] & md[None, :], other=0.0
-    )  # [BN, BD]
+def _scores(b_q, k_seq, key_mask, ks, j, mj, pos, mr, o_d, md, scale_log2, window,
+            ROW_K: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Scores (log2 units) of rows against local keys ``j`` and which of them are visible.
+    ``k_seq`` points at the sequence's first key of this KV head (rows ROW_K elements apart); the
+    sequence's key mask starts at ``key_mask + ks``."""
+    b_k = tl.load(k_seq + j[:, None] * ROW_K + o_d[None, :], mask=mj[:, None] & md[None, :], other=0.0)  # [BN, BD]
     s = _dot(b_q, tl.trans(b_k), PREC) * scale_log2  # [BM, BN]
     valid = mr[:, None] & mj[None, :] & (j[None, :] <= pos[:, None]) & (j[None, :] > pos[:, None] - window)
     if HAS_MASK:
@@ -76,29 +77,26 @@ def _scores(b_q, k, ks, j, mj, pos, mr, key_mask, o_d, md, i_hk, scale_log2, win
 
 
 @triton.jit
-def _window_softmax(b_q, k, v, key_mask, ks, lo, hi, pos, mr, i_hk, scale_log2, window,
-                    HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+def _window_softmax(b_q, k_seq, v_seq, key_mask, ks, lo, hi, pos, mr, scale_log2, window,
+                    ROW_K: tl.constexpr, ROW_V: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BDV: tl.constexpr, o_d, md, o_dv, mdv,
                     HAS_MASK: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """Online softmax of rows (queries ``b_q`` at key positions ``pos``) over keys [lo, hi) of the
-    sequence whose first key is ``ks``: the unnormalised output [BM, BDV], running max and sum
-    (log2 units)."""
+    """Online softmax of rows (queries ``b_q`` at local key positions ``pos``) over the local keys
+    [lo, hi): the unnormalised output [BM, BDV], running max and sum (log2 units)."""
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
     for j0 in range(lo, hi, BN):
         j = j0 + tl.arange(0, BN)
         mj = j < hi
-        s, valid, b_k = _scores(b_q, k, ks, j, mj, pos, mr, key_mask, o_d, md, i_hk, scale_log2, window,
-                                HKV, D, HAS_MASK, PREC)  # fmt: skip
+        s, valid, b_k = _scores(b_q, k_seq, key_mask, ks, j, mj, pos, mr, o_d, md, scale_log2, window,
+                                ROW_K, HAS_MASK, PREC)  # fmt: skip
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
-        b_v = tl.load(
-            v + ((ks + j)[:, None] * HKV + i_hk) * DV + o_dv[None, :], mask=mj[:, None] & mdv[None, :], other=0.0
-        )
+        b_v = tl.load(v_seq + j[:, None] * ROW_V + o_dv[None, :], mask=mj[:, None] & mdv[None, :], other=0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.to(b_v.dtype), b_v, PREC)
         m_i = m_new
@@ -134,27 +132,31 @@ def _fwd_kernel(
     """grid (row blocks, HKV)."""
     i_b, i_hk = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
-    r_lo, r, mr, t, hg, qs, Lq, ks, Lk, off = _rows(blocks, i_b, cu_q, cu_k, G, BM)
-    h = i_hk * G + hg
-    tq = qs + t
+    qs, Lq, ks, Lk, off, r_lo = _rows(blocks, i_b, cu_q, cu_k, G, BM)
+    r = r_lo + tl.arange(0, BM)  # local packed rows t·G + g
+    mr = r < G * Lq
+    t, hg = r // G, r % G
     pos = t + off
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     md, mdv = o_d < D, o_dv < DV
-    b_q = tl.load(q + (tq[:, None] * H + h[:, None]) * D + o_d[None, :], mask=mr[:, None] & md[None, :], other=0.0)
+    head0 = i_hk * G  # first query head of this KV head
+    b_q = tl.load(q + (qs * H + head0) * D + ((t * H + hg) * D)[:, None] + o_d[None, :],
+                  mask=mr[:, None] & md[None, :], other=0.0)  # fmt: skip
     t_first = r_lo // G
     t_last = tl.minimum((r_lo + BM - 1) // G, Lq - 1)
     lo = tl.maximum(t_first + off - window + 1, 0)
     hi = t_last + off + 1
-
-    acc, m_i, l_i = _window_softmax(b_q, k, v, key_mask, ks, lo, hi, pos, mr, i_hk, scale_log2, window,
-                                    HKV, D, DV, BM, BN, BDV, o_d, md, o_dv, mdv, HAS_MASK, PREC)  # fmt: skip
+    acc, m_i, l_i = _window_softmax(
+        b_q, k + (ks * HKV + i_hk) * D, v + (ks * HKV + i_hk) * DV, key_mask, ks, lo, hi, pos, mr, scale_log2, window,
+        HKV * D, HKV * DV, BM, BN, BDV, o_d, md, o_dv, mdv, HAS_MASK, PREC,
+    )  # fmt: skip
     b_s = tl.zeros([BM], dtype=tl.float32)
     if HAS_SINK:
-        b_s = tl.load(sink + h, mask=mr, other=float("-inf"))
+        b_s = tl.load(sink + head0 + hg, mask=mr, other=float("-inf"))
     b_o, b_lse = _window_finish(acc, m_i, l_i, b_s, HAS_SINK)
-    tl.store(o + (tq[:, None] * H + h[:, None]) * DV + o_dv[None, :], b_o.to(o.dtype.element_ty),
+    tl.store(o + (qs * H + head0) * DV + ((t * H + hg) * DV)[:, None] + o_dv[None, :], b_o.to(o.dtype.element_ty),
              mask=mr[:, None] & mdv[None, :])  # fmt: skip
-    tl.store(lse + tq * H + h, b_lse, mask=mr)
+    tl.store(lse + qs * H + head0 + t * H + hg, b_lse, mask=mr)
 
 
 @triton.autotune(configs=configs([{}]), key=["H", "HKV", "D", "DV", "BM", "BN", "HAS_MASK"])
@@ -168,35 +170,39 @@ def _bwd_dq_kernel(
     """grid (row blocks, HKV)."""
     i_b, i_hk = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
-    r_lo, r, mr, t, hg, qs, Lq, ks, Lk, off = _rows(blocks, i_b, cu_q, cu_k, G, BM)
-    h = i_hk * G + hg
-    tq = qs + t
+    qs, Lq, ks, Lk, off, r_lo = _rows(blocks, i_b, cu_q, cu_k, G, BM)
+    r = r_lo + tl.arange(0, BM)
+    mr = r < G * Lq
+    t, hg = r // G, r % G
     pos = t + off
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     md, mdv = o_d < D, o_dv < DV
-    b_q = tl.load(q + (tq[:, None] * H + h[:, None]) * D + o_d[None, :], mask=mr[:, None] & md[None, :], other=0.0)
-    b_do = tl.load(do + (tq[:, None] * H + h[:, None]) * DV + o_dv[None, :], mask=mr[:, None] & mdv[None, :], other=0.0)
-    b_lse = tl.load(lse + tq * H + h, mask=mr, other=0.0) * 1.4426950408889634
-    b_delta = tl.load(delta + tq * H + h, mask=mr, other=0.0)
+    head0 = i_hk * G
+    row = t * H + hg  # [BM] row index (token·H + head) relative to the sequence's first query, head0
+    q_off = (qs * H + head0) * D + (row * D)[:, None] + o_d[None, :]
+    b_q = tl.load(q + q_off, mask=mr[:, None] & md[None, :], other=0.0)
+    b_do = tl.load(do + (qs * H + head0) * DV + (row * DV)[:, None] + o_dv[None, :],
+                   mask=mr[:, None] & mdv[None, :], other=0.0)  # fmt: skip
+    b_lse = tl.load(lse + qs * H + head0 + row, mask=mr, other=0.0) * 1.4426950408889634
+    b_delta = tl.load(delta + qs * H + head0 + row, mask=mr, other=0.0)
     t_first = r_lo // G
     t_last = tl.minimum((r_lo + BM - 1) // G, Lq - 1)
     lo = tl.maximum(t_first + off - window + 1, 0)
     hi = t_last + off + 1
+    k_seq = k + (ks * HKV + i_hk) * D
+    v_seq = v + (ks * HKV + i_hk) * DV
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
     for j0 in range(lo, hi, BN):
         j = j0 + tl.arange(0, BN)
         mj = j < hi
-        s, valid, b_k = _scores(b_q, k, ks, j, mj, pos, mr, key_mask, o_d, md, i_hk, scale_log2, window,
-                                HKV, D, HAS_MASK, PREC)  # fmt: skip
+        s, valid, b_k = _scores(b_q, k_seq, key_mask, ks, j, mj, pos, mr, o_d, md, scale_log2, window,
+                                HKV * D, HAS_MASK, PREC)  # fmt: skip
         p = tl.where(valid, tl.exp2(tl.where(valid, s - b_lse[:, None], 0.0)), 0.0)
-        b_v = tl.load(
-            v + ((ks + j)[:, None] * HKV + i_hk) * DV + o_dv[None, :], mask=mj[:, None] & mdv[None, :], other=0.0
-        )
+        b_v = tl.load(v_seq + j[:, None] * (HKV * DV) + o_dv[None, :], mask=mj[:, None] & mdv[None, :], other=0.0)
         dp = _dot(b_do, tl.trans(b_v), PREC)
         ds = p * (dp - b_delta[:, None])
         b_dq += _dot(ds.to(b_k.dtype), b_k, PREC)
-    tl.store(dq + (tq[:, None] * H + h[:, None]) * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty),
-             mask=mr[:, None] & md[None, :])  # fmt: skip
+    tl.store(dq + q_off, (b_dq * scale).to(dq.dtype.element_ty), mask=mr[:, None] & md[None, :])
 
 
 @triton.autotune(configs=configs([{}]), key=["H", "HKV", "D", "DV", "BM", "BN", "HAS_MASK"])
@@ -213,38 +219,40 @@ def _bwd_dkdv_kernel(
     n = tl.load(blocks + 2 * i_b)
     j_first = tl.load(blocks + 2 * i_b + 1).to(tl.int64)
     qs = tl.load(cu_q + n).to(tl.int64)
-    Lq = tl.load(cu_q + n + 1).to(tl.int64) - qs
+    Lq = tl.load(cu_q + n + 1) - tl.load(cu_q + n)
     ks = tl.load(cu_k + n).to(tl.int64)
-    Lk = tl.load(cu_k + n + 1).to(tl.int64) - ks
+    Lk = tl.load(cu_k + n + 1) - tl.load(cu_k + n)
     off = Lk - Lq
-    j = (j_first - ks) + tl.arange(0, BN)  # local key positions
+    j_lo = (j_first - ks).to(tl.int32)  # local position of the block's first key
+    j = j_lo + tl.arange(0, BN)
     mj = j < Lk
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     md, mdv = o_d < D, o_dv < DV
-    b_k = tl.load(k + ((ks + j)[:, None] * HKV + i_hk) * D + o_d[None, :], mask=mj[:, None] & md[None, :], other=0.0)
-    b_v = tl.load(v + ((ks + j)[:, None] * HKV + i_hk) * DV + o_dv[None, :], mask=mj[:, None] & mdv[None, :], other=0.0)
+    k_off = (ks * HKV + i_hk) * D + (j * (HKV * D))[:, None] + o_d[None, :]
+    v_off = (ks * HKV + i_hk) * DV + (j * (HKV * DV))[:, None] + o_dv[None, :]
+    b_k = tl.load(k + k_off, mask=mj[:, None] & md[None, :], other=0.0)
+    b_v = tl.load(v + v_off, mask=mj[:, None] & mdv[None, :], other=0.0)
     keep = mj
     if HAS_MASK:
         keep = keep & (tl.load(key_mask + ks + j, mask=mj, other=0) != 0)
-    j_lo = j_first - ks
     j_hi = tl.minimum(j_lo + BN, Lk) - 1
     t_lo = tl.maximum(j_lo - off, 0)
     t_hi = tl.minimum(j_hi + window - 1 - off, Lq - 1)
+    head0 = i_hk * G
+    q_seq = q + (qs * H + head0) * D
+    do_seq = do + (qs * H + head0) * DV
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BDV], dtype=tl.float32)
     for r0 in range(t_lo * G, (t_hi + 1) * G, BM):
         r = r0 + tl.arange(0, BM)
         mr = r < (t_hi + 1) * G
         t, hg = r // G, r % G
-        h = i_hk * G + hg
-        tq = qs + t
         pos = t + off
-        b_q = tl.load(q + (tq[:, None] * H + h[:, None]) * D + o_d[None, :], mask=mr[:, None] & md[None, :], other=0.0)
-        b_do = tl.load(
-            do + (tq[:, None] * H + h[:, None]) * DV + o_dv[None, :], mask=mr[:, None] & mdv[None, :], other=0.0
-        )
-        b_lse = tl.load(lse + tq * H + h, mask=mr, other=0.0) * 1.4426950408889634
-        b_delta = tl.load(delta + tq * H + h, mask=mr, other=0.0)
+        row = t * H + hg
+        b_q = tl.load(q_seq + (row * D)[:, None] + o_d[None, :], mask=mr[:, None] & md[None, :], other=0.0)
+        b_do = tl.load(do_seq + (row * DV)[:, None] + o_dv[None, :], mask=mr[:, None] & mdv[None, :], other=0.0)
+        b_lse = tl.load(lse + qs * H + head0 + row, mask=mr, other=0.0) * 1.4426950408889634
+        b_delta = tl.load(delta + qs * H + head0 + row, mask=mr, other=0.0)
         s = _dot(b_q, tl.trans(b_k), PREC) * scale_log2  # [BM, BN]
         valid = mr[:, None] & keep[None, :] & (j[None, :] <= pos[:, None]) & (j[None, :] > pos[:, None] - window)
         p = tl.where(valid, tl.exp2(tl.where(valid, s - b_lse[:, None], 0.0)), 0.0)
@@ -252,10 +260,8 @@ def _bwd_dkdv_kernel(
         dp = _dot(b_do, tl.trans(b_v), PREC)
         ds = p * (dp - b_delta[:, None])
         b_dk += _dot(tl.trans(ds).to(b_q.dtype), b_q, PREC)
-    tl.store(dk + ((ks + j)[:, None] * HKV + i_hk) * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
-             mask=mj[:, None] & md[None, :])  # fmt: skip
-    tl.store(dv + ((ks + j)[:, None] * HKV + i_hk) * DV + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
-             mask=mj[:, None] & mdv[None, :])  # fmt: skip
+    tl.store(dk + k_off, (b_dk * scale).to(dk.dtype.element_ty), mask=mj[:, None] & md[None, :])
+    tl.store(dv + v_off, b_dv.to(dv.dtype.element_ty), mask=mj[:, None] & mdv[None, :])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,13 +321,15 @@ def swa_backward(q, k, v, o, lse, do, dlse, key_mask, sink, win: Windows, scale:
     delta = delta.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     prec = dot_precision(q.dtype)
-    common = (win.cu_q, win.cu_k, scale, scale * LOG2E, win.window, H, Hkv, D, DV, BLOCK_M, BLOCK_N, BD, BDV)
-    _bwd_dq_kernel[(win.rows.shape[0], Hkv)](
-        q, k, v, do, lse, delta, dq, key_mask, win.rows, *common, key_mask is not None, prec
-    )
-    _bwd_dkdv_kernel[(win.keys.shape[0], Hkv)](
-        q, k, v, do, lse, delta, dk, dv, key_mask, win.keys, *common, key_mask is not None, prec
-    )
+    common = (win.cu_q, win.cu_k, scale, scale * LOG2E, win.window, H, Hkv, D, DV)
+    _bwd_dq_kernel[(win.rows.shape[0], Hkv)](  # BLOCK_M rows per program (the forward's row table)
+        q, k, v, do, lse, delta, dq, key_mask, win.rows, *common, BLOCK_M, BLOCK_BWD, BD, BDV,
+        key_mask is not None, prec,
+    )  # fmt: skip
+    _bwd_dkdv_kernel[(win.keys.shape[0], Hkv)](  # BLOCK_N keys per program (the key table)
+        q, k, v, do, lse, delta, dk, dv, key_mask, win.keys, *common, BLOCK_BWD, BLOCK_N, BD, BDV,
+        key_mask is not None, prec,
+    )  # fmt: skip
     dsink = None
     if sink is not None:  # d lse/d sink = exp(sink − lse) per row
         p_sink = torch.where(torch.isinf(lse), torch.zeros_like(lse), (sink[None, :] - lse).exp())
