@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from conftest import assert_close_rms  # noqa: E402
+from conftest import assert_close_rms, rel_rms  # noqa: E402
 
 import linearize.kernels as kernels  # noqa: E402
 from linearize.kernels import triton as tk  # noqa: E402

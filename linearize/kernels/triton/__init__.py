@@ -9,6 +9,12 @@ Under ``TRITON_INTERPRET=1`` they run on CPU tensors (slowly: for tests).
 - ``gla_decode_step``         recurrent step for 1..few tokens, state updated in place (``decode.py``)
 - ``sliding_window_attention`` causal window softmax with GQA, key mask, sinks, lse (``swa.py``)
 - ``fused_liger_attention``   window + linear branches of Liger attention in one pass (``fused.py``)
+
+Checks: ``tests/test_kernels_triton.py`` compares every kernel with ``reference.py`` (interpreter on
+CPU; ``TRITON_INTERPRET=0 pytest -m gpu`` runs the same tests compiled on a GPU), and
+``python -m linearize.kernels.triton.compile_check`` compiles every kernel for sm_90 without a GPU
+(registers and spills per kernel). Speed: ``benchmarks/bench_kernels.py``,
+``benchmarks/bench_decode_kernels.py`` (no GPU numbers recorded yet).
 """
 
 from .decode import gla_decode_step

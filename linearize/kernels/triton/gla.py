@@ -131,7 +131,7 @@ def _sub_chunk_out(
 ):  # fmt: skip
     """Unscaled GLA output [BC, BV] of sub-chunk ``i_s`` of chunk ``i_c`` (first token ``t0``) for
     query head ``i_h`` and value columns ``o_v``: inter-chunk term from ``h`` plus intra-chunk terms."""
-    NK: tl.constexpr = triton.cdiv(K, BK)
+    NK: tl.constexpr = (K + BK - 1) // BK
     i_hk = i_h // (H // HKV)
     r0 = t0 + i_s * BC  # first row of this sub-chunk: the reference for the off-diagonal terms
     ti = r0 + tl.arange(0, BC)
@@ -255,7 +255,7 @@ def _bwd_dq_kernel(
     """dq (fp32) for one sub-chunk of one query head.  grid (NK, NT * BT // BC, H)."""
     i_k, i_cs, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
-    NV: tl.constexpr = triton.cdiv(V, BV)
+    NV: tl.constexpr = (V + BV - 1) // BV
     G: tl.constexpr = H // HKV
     i_c, i_s = i_cs // NC, i_cs % NC
     i_hk = i_h // G
@@ -318,7 +318,7 @@ def _bwd_dk_kernel(
     """dk (fp32) for one sub-chunk of one KV head.  grid (NK, NT * BT // BC, HKV)."""
     i_k, i_cs, i_hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
-    NV: tl.constexpr = triton.cdiv(V, BV)
+    NV: tl.constexpr = (V + BV - 1) // BV
     G: tl.constexpr = H // HKV
     i_c, i_s = i_cs // NC, i_cs % NC
     n = tl.load(blocks + 2 * i_c)
@@ -395,7 +395,7 @@ def _bwd_dv_kernel(
     """dv for one sub-chunk of one KV head.  grid (NV, NT * BT // BC, HKV)."""
     i_v, i_cs, i_hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
-    NK: tl.constexpr = triton.cdiv(K, BK)
+    NK: tl.constexpr = (K + BK - 1) // BK
     G: tl.constexpr = H // HKV
     i_c, i_s = i_cs // NC, i_cs % NC
     n = tl.load(blocks + 2 * i_c)
@@ -472,7 +472,7 @@ def _bwd_dg_kernel(
     i_k, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HKV, i_nh % HKV
     G: tl.constexpr = H // HKV
-    NV: tl.constexpr = triton.cdiv(V, BV)
+    NV: tl.constexpr = (V + BV - 1) // BV
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     nc = tl.load(first + i_n + 1) - tl.load(first + i_n)
