@@ -56,6 +56,10 @@ SCHEDULERS = {"cosine": "cosine", "constant": "constant_with_warmup", "linear": 
 # Recipe precision -> accelerate mixed_precision.
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Without a validation split, per-layer transfer errors are measured on this many batches of training blocks.
+TRAIN_EVAL_BATCHES = 8
+# Tokens of the probe sequence on which merged and unmerged logits are compared.
+MERGE_PROBE_TOKENS = 64
 # Keyword arguments of an attention call that belong to the cache, dropped when a mixer is re-run.
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache")
 
@@ -312,7 +316,9 @@ class _Run:
 
     def eval_blocks(self) -> torch.Tensor:
         """Validation blocks, or the first training blocks when there is no validation split."""
-        return self.data.validation if self.data.validation is not None else self.data.train
+        if self.data.validation is not None:
+            return self.data.validation
+        return self.data.train[: TRAIN_EVAL_BATCHES * self.per_device_batch * self.acc.num_processes]
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.trackers:
@@ -323,7 +329,7 @@ class _Run:
         return self.state
 
     def run_steps(self, name: str, cfg: StageOptim, micro_step, optimizer_step, write_checkpoint,
-                  evaluate=None) -> None:
+                  evaluate=None, on_done=None) -> None:
         """The optimiser-step loop of one stage: batches, logging, eval, checkpoints, Ctrl-C."""
         from tqdm.auto import tqdm
 
@@ -376,18 +382,18 @@ class _Run:
                     st["train_time_s"] += time.perf_counter() - t0
                     tok_s = steps_timed * tokens_per_step / max(train_time, 1e-9)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{metrics_now['loss']:.4f}", tok_s=f"{tok_s:.0f}")
+                    bar.set_postfix(loss=f"{metrics_now['loss']:.4g}", tok_s=f"{tok_s:.0f}")
                     self.log({f"{name}/{k}": v for k, v in metrics_now.items()} | {f"{name}/tokens_per_s": tok_s},
                              self.state["global_step"])
                     if step % tc.log_every == 0 or step == total:
                         logger.info("%s step %d/%d %s, %.0f tokens/s", name, step, total,
-                                    ", ".join(f"{k} {v:.4f}" for k, v in metrics_now.items()), tok_s)
+                                    ", ".join(f"{k} {v:.4g}" for k, v in metrics_now.items()), tok_s)
                     if evaluate is not None and tc.eval_every and step % tc.eval_every == 0 and step < total:
                         val = evaluate()
                         st["validation"].append([step, val])
                         self.log({f"{name}/{k}": v for k, v in val.items()}, self.state["global_step"])
                         logger.info("%s step %d validation %s", name, step,
-                                    ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                                    ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
                     if tc.save_every and step % tc.save_every == 0 and step < total:
                         save()
                     if self.callback is not None:
@@ -407,6 +413,8 @@ class _Run:
                 st[f"final_{key}"] = sum(window) / len(window)
                 st[f"first_{key}"] = values[0]
             st["tokens_per_s"] = st["tokens"] / st["train_time_s"] if st["train_time_s"] else None
+            if on_done is not None:
+                on_done()  # before the stage's last checkpoint, so that it holds the results
             save()
 
     # --- stage 1 ---------------------------------------------------------------------------------
@@ -471,8 +479,15 @@ class _Run:
             e = errors()
             return {"val_transfer_mse": sum(e["mse"])}
 
-        self.run_steps("attention_transfer", cfg, micro_step, optimizer_step, write, evaluate)
-        st["per_layer_after"] = errors()
+        def on_done() -> None:
+            st["per_layer_after"] = errors()
+
+        self.run_steps("attention_transfer", cfg, micro_step, optimizer_step, write, evaluate, on_done)
+        after = st["per_layer_after"]
+        worst = sorted(zip(after["relative_mse"], after["layers"]), reverse=True)[:4]
+        logger.info("attention transfer: relative MSE per layer %s; highest in layers %s (candidates for "
+                    "conversion.keep_softmax_layers)",
+                    " ".join(f"{e:.3g}" for e in after["relative_mse"]), [layer for _, layer in worst])
         for p in params:
             p.requires_grad_(False)
         model.eval()
@@ -678,6 +693,11 @@ def finetune(recipe: Recipe, *, resume: bool = False, model: nn.Module | None = 
             logger.warning("resuming with a recipe that differs from the checkpoint's in: %s", ", ".join(changed))
         if state["world_size"] != accelerator.num_processes:
             logger.info("resuming on %d processes (checkpoint: %d)", accelerator.num_processes, state["world_size"])
+        if list(state["stages"]) != list(recipe.stages):
+            raise ValueError(
+                f"the checkpoint {resume_dir} was written by a recipe with stages {list(state['stages'])}, "
+                f"this recipe has {recipe.stages}: use the same stages or another output_dir"
+            )
         elapsed_before = state["wall_time_s"]
         logger.info("resuming from %s (stage step %s)", resume_dir, state["global_step"])
     else:
@@ -759,7 +779,7 @@ def _save_adapter_and_merge(peft_model, adapter_dir: Path, probe: torch.Tensor, 
         if extra:
             save_file(extra, str(adapter_dir / CONVERSION_PARAMS_FILE))
     device = next(peft_model.parameters()).device
-    probe = probe.long().to(device)  # [1, T]
+    probe = probe[:, :MERGE_PROBE_TOKENS].long().to(device)  # [1, T]
     with torch.no_grad():
         before = peft_model(input_ids=probe, use_cache=False).logits.double()
         merged = peft_model.merge_and_unload()

@@ -272,3 +272,25 @@ def test_linearize_eval_cli_on_a_converted_checkpoint(tmp_path, model, tok, caps
     assert row["student"] == pytest.approx(mc_accuracy(student, tok, docs))
     assert "| linearize_capitals | acc ↑ | 4 |" in capsys.readouterr().out
     assert (student_dir / "eval" / "report.png").is_file() and (student_dir / "eval" / "report.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["hf", "linearize"])
+def test_lm_eval_command_line_on_a_converted_folder(tmp_path, tok, command):
+    """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` and `python -m evals run
+    --model linearize` both evaluate a converted folder (slow: lm-eval indexes its ~15K task files)."""
+    import subprocess
+    import sys
+
+    linearize = pytest.importorskip("linearize")
+    folder = linearize.save_converted(linearize.convert(tiny_llama(len(tok))), tmp_path / "ckpt", tok)
+    tasks = prepare_tasks(tmp_path / "tasks", tok, TASK_CONFIG, [CAPITALS])
+    if command == "hf":
+        head = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
+                f"pretrained={folder},trust_remote_code=True,dtype=float32"]
+    else:
+        head = [sys.executable, "-m", "evals", "run", "--model", "linearize", "--model_args", f"pretrained={folder}"]
+    run = subprocess.run(head + ["--tasks", CAPITALS, "--include_path", str(tasks), "--limit", "3", "--device", "cpu",
+                                 "--batch_size", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert CAPITALS in run.stdout and "acc" in run.stdout

@@ -36,6 +36,7 @@ def tiny_teacher(seed: int = 0, max_positions: int = 64) -> LlamaForCausalLM:
     config = LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=257, max_position_embeddings=max_positions, bos_token_id=256, eos_token_id=256, pad_token_id=256,
+        tie_word_embeddings=True,  # as SmolLM2: checkpoints must handle the shared tensor
     )
     return LlamaForCausalLM(config).eval()
 

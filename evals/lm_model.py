@@ -1,0 +1,41 @@
+"""``--model linearize`` for lm-eval's command line, registered when this module is imported.
+
+lm-eval 0.4.13 finds models only in its own registry (``lm_eval.models.MODEL_MAPPING`` plus
+``@register_model`` calls made in the running process); it reads no entry points, so an installed
+package cannot add ``lm_eval --model linearize`` without patching lm-eval. ``python -m evals``
+imports this module and then runs lm-eval's own command line, which gives the same effect:
+
+    python -m evals run --model linearize --model_args pretrained=DIR --tasks piqa
+
+Plain lm-eval works on converted folders without this: ``lm_eval --model hf --model_args
+pretrained=DIR,trust_remote_code=True`` (the folder carries its modeling code). ``linearize``
+differs in that it loads any source ``linearize.sources`` resolves (folders, hub ids, ``.gguf``
+files, ``smollm2-135m``) through the installed package, with no remote code.
+"""
+
+from __future__ import annotations
+
+import lm_eval.models  # noqa: F401  (registers lm-eval's own models first: the registry is filled lazily)
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@register_model("linearize")
+class LinearizeLM(HFLM):
+    """lm-eval's ``HFLM`` around a model loaded by ``linearize.sources.load_model``."""
+
+    def __init__(self, pretrained: str | None = None, dtype: str = "float32", device: str | None = "cpu",
+                 tokenizer=None, **kwargs) -> None:
+        import torch
+
+        from linearize.sources import load_model, load_tokenizer
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
+        device = device or "cpu"
+        model = load_model(pretrained, dtype=getattr(torch, dtype), device=device)
+        tokenizer = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else load_tokenizer(
+            tokenizer or pretrained)
+        super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
