@@ -97,6 +97,11 @@ def _add_bench(sub) -> None:
     p.add_argument("--max-batch", type=int, default=None,
                    help="largest batch tried for throughput (default 256 on cuda, 4 on cpu; 0 skips the test)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own)")
+    p.add_argument("--retain-freed-memory", action="store_true",
+                   help="CPU (glibc): keep freed memory in the process instead of page-faulting large tensors "
+                   "in again at every forward, as jemalloc/tcmalloc servers do (both models)")
+    p.add_argument("--teacher-beyond-limit", action="store_true",
+                   help="time the teacher past its declared context limit too (random tokens: only the cost counts)")
     p.add_argument("--out", default="bench.json", help="JSON results file; the PNG goes beside it (default bench.json)")
 
 
@@ -117,6 +122,7 @@ def _run_bench(args) -> None:
         dtype=args.dtype or ("bfloat16" if cuda else "float32"), decode_steps=args.decode_steps,
         warmup_steps=args.warmup_steps, throughput_context=args.throughput_context,
         max_batch=args.max_batch if args.max_batch is not None else (256 if cuda else 4), threads=args.threads,
+        teacher_beyond_limit=args.teacher_beyond_limit, retain_freed_memory=args.retain_freed_memory,
     )
     teacher, converted = mb.load_pair(args.dir, args.teacher, cfg)
     with Progress(transient=True) as bar:
@@ -132,8 +138,10 @@ def _run_bench(args) -> None:
 def _argv_of(args) -> list[str]:
     out = [args.dir]
     for key, value in vars(args).items():
-        if key not in ("dir", "verb", "verbose") and value is not None:
-            out += [f"--{key.replace('_', '-')}", str(value)]
+        if key in ("dir", "verb", "verbose") or value is None or value is False:
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        out += [flag] if value is True else [flag, str(value)]
     return out
 
 

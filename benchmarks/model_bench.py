@@ -55,6 +55,9 @@ class BenchConfig:
     throughput_context: int | None = None  # None: the largest grid context within the teacher's limit
     max_batch: int = 64  # upper end of the throughput batch search; 0 skips the throughput test
     threads: int | None = None  # CPU threads for torch (None: leave torch's setting)
+    retain_freed_memory: bool = False  # CPU, glibc: keep freed memory in the process (see retain_freed_memory)
+    teacher_beyond_limit: bool = False  # time the teacher past its declared context limit too (cost only:
+    # the tokens are random, so what it predicts there does not matter; its curve then spans the grid)
     seed: int = 0
 
     def __post_init__(self):
@@ -86,6 +89,30 @@ def parse_contexts(text: str) -> list[int]:
 
 
 # --- measurement primitives ---------------------------------------------------------------------
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def retain_freed_memory() -> None:
+    """Make glibc keep freed memory in the process instead of returning it to the OS.
+
+    By default glibc serves every allocation above 32 MiB with its own mmap and unmaps it on free,
+    so each large activation is page-faulted in again (zero-filled) on the next forward: on 2 cores
+    at T=16K that made SmolLM2's prefill grow 2.5x per doubling of T instead of 2.1x (6.4M minor
+    faults instead of 0.26M; benchmarks/results/README.md). CPU servers avoid it with jemalloc or
+    tcmalloc; this does the same for the benchmark process, for teacher and converted alike.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        raise ValueError("--retain-freed-memory needs glibc (Linux); leave it out on this system")
+    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
+        raise ValueError("glibc refused mallopt(M_MMAP_MAX / M_TRIM_THRESHOLD); leave --retain-freed-memory out")
+
 
 
 def _sync(device: torch.device) -> None:
@@ -304,10 +331,16 @@ def run_bench(
     device = torch.device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    if cfg.retain_freed_memory and device.type == "cpu":
+        retain_freed_memory()
     limit = model_max_length(teacher_model.config)
     vocab = teacher_model.config.get_text_config().vocab_size
     models = {"teacher": teacher_model, "converted": converted_model}
-    fits = [c for c in cfg.contexts if limit is None or c + cfg.warmup_steps + cfg.decode_steps <= limit]
+
+    def over(context: int) -> bool:
+        return limit is not None and context + cfg.warmup_steps + cfg.decode_steps > limit
+
+    fits = [c for c in cfg.contexts if cfg.teacher_beyond_limit or not over(c)]
     throughput_context = cfg.throughput_context or (max(fits) if fits else None)
 
     results: dict = {"teacher": [], "converted": [], "throughput": {}}
@@ -316,12 +349,11 @@ def run_bench(
         with torch.inference_mode():
             _prefill(model, torch.zeros(1, 8, dtype=torch.long, device=device))
         for context in cfg.contexts:
-            over = limit is not None and context + cfg.warmup_steps + cfg.decode_steps > limit
-            if name == "teacher" and over:
+            if name == "teacher" and over(context) and not cfg.teacher_beyond_limit:
                 row = {"context": context, "batch": cfg.batch, "status": STATUS_LIMIT, "model_limit": limit}
             else:
                 row = measure_context(model, context, cfg, device, vocab)
-                if over:
+                if over(context):
                     row["beyond_teacher_limit"] = True
             results[name].append(row)
             logger.debug("%s @ %d: %s", name, context, row)
@@ -419,5 +451,7 @@ def write_report(report: dict, json_path: str | os.PathLike) -> tuple[Path, Path
     """Write the JSON and, beside it, the PNG (same name, ``.png``)."""
     out = Path(json_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(out)  # never a half-written JSON
     return out, plot(report, out.with_suffix(".png"))

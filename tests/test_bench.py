@@ -36,6 +36,7 @@ def test_bench_cli_writes_json_and_png(folders, tmp_path, capsys):
     assert {"command", "hardware", "versions", "settings", "results", "teacher_limit", "memory_kind"} <= set(report)
     assert report["versions"]["torch"] and report["hardware"]["cpu_count"] >= 1
     assert report["command"].startswith("linearize bench ")
+    assert cli.build_parser().parse_args(report["command"].split()[1:]).max_batch == 2  # the command reruns
     assert report["teacher_limit"] == limit
     for name in ("teacher", "converted"):
         rows = {r["context"]: r for r in report["results"][name]}
@@ -82,6 +83,19 @@ def test_oom_is_reported_and_the_grid_goes_on(folders, monkeypatch):
         statuses = [r["status"] for r in report["results"][name]]
         assert statuses == [mb.STATUS_OK, mb.STATUS_OOM]
     assert report["results"]["throughput"] == {}
+
+
+def test_teacher_beyond_limit_is_timed_and_flagged(folders):
+    teacher_dir, converted_dir = folders
+    too_long = 2 * COMMON["max_position_embeddings"]
+    cfg = mb.BenchConfig(contexts=[16, too_long], decode_steps=2, warmup_steps=0, max_batch=0,
+                         teacher_beyond_limit=True, retain_freed_memory=True)
+    report = mb.run_bench(*mb.load_pair(converted_dir, teacher_dir, cfg), cfg)
+    assert report["teacher_limit"] == COMMON["max_position_embeddings"]
+    for name in ("teacher", "converted"):
+        rows = {r["context"]: r for r in report["results"][name]}
+        assert rows[too_long]["status"] == mb.STATUS_OK and rows[too_long]["beyond_teacher_limit"]
+        assert "beyond_teacher_limit" not in rows[16]
 
 
 def test_bad_input_is_a_clear_error():

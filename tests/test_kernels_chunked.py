@@ -121,6 +121,13 @@ def test_gla_packed_equals_separate_calls():
         assert_close_rms(final[n : n + 1], f_n, torch.float32, f"state of sequence {n}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gla_long_sequence_in_segments(dtype, monkeypatch):
+    """Sequences longer than SEGMENT_TOKENS run segment by segment (state carried): still exact."""
+    monkeypatch.setattr(chunked, "SEGMENT_TOKENS", 20)  # chunk 8 -> segments of 16 tokens
+    _check_gla(dtype, *_gla_inputs(T=53), chunk_size=8)
+
+
 @pytest.mark.parametrize("T", [1, 3])
 def test_gla_decode_steps(T):
     _check_gla(torch.float32, *_gla_inputs(T=T))
@@ -261,7 +268,18 @@ def test_swa_left_padding(sinks):
     assert torch.isfinite(lse[1, 10:]).all() and torch.isfinite(lse[0]).all()
 
 
-@pytest.mark.parametrize("Tq, Tk, window", [(1, 9, 8), (1, 30, 8), (5, 30, 8), (6, 8, 16)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Tq", [40, 27])
+def test_swa_long_sequence_in_segments(dtype, Tq, monkeypatch):
+    """Queries beyond SEGMENT_TOKENS go segment by segment, each with the keys its windows reach."""
+    monkeypatch.setattr(chunked, "SEGMENT_TOKENS", 8)
+    q, k, v, s = _swa_inputs(sinks="meta")
+    key_mask = torch.ones(2, 40, dtype=torch.bool)
+    key_mask[1, :10] = False
+    _check_swa(dtype, q[:, -Tq:], k, v, s, window=5, key_mask=key_mask, block_size=4)
+
+
+@pytest.mark.parametrize("Tq, Tk, window", [(1, 9, 8), (1, 30, 8), (3, 30, 8), (4, 4, 16), (5, 30, 8), (6, 8, 16)])
 def test_swa_queries_continue_keys(Tq, Tk, window):
     """Decode / chunked prefill: queries are the last Tq positions of the keys."""
     q, k, v, s = _swa_inputs(Tq=Tk, Tk=Tk, sinks="per_head")

@@ -1,0 +1,197 @@
+"""The recovery study: one recipe, many conversion/training variants, the same budget, one table.
+
+Each variant is a list of recipe overrides on top of a base recipe (``recipes/smollm2-135m-cpu-liger.yaml``
+by default). Every variant runs ``linearize.train.finetune`` with the same data, seed and number of
+LoRA steps, and the study records from its ``training_summary.json``: held-out perplexity of the
+teacher, of the converted model before training and after, tokens, wall time, and the loss curve.
+
+    python -m benchmarks.recovery_study --variants liger,lolcats,lizard --steps 40 --out docs/recovery
+
+Results accumulate in ``OUT/results.json`` (a finished variant is not run again, so an interrupted
+study continues where it stopped); the table goes to ``OUT/table.md`` and the loss-vs-tokens plot to
+``OUT/loss.png``. Each variant trains in ``--runs/NAME`` (deleted once its row is recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+BASE_RECIPE = "recipes/smollm2-135m-cpu-liger.yaml"
+# Evenly spaced softmax layers of a 30-layer model: 1 in 6 and 1 in 3 (the middle of each group).
+KEEP_1_IN_6 = "[3,9,15,21,27]"
+KEEP_1_IN_3 = "[1,4,7,10,13,16,19,22,25,28]"
+ATTENTION_TRANSFER = ["stages=[attention_transfer,lora]", "attention_transfer.lr=1e-2",
+                      "attention_transfer.schedule=constant"]
+
+# name -> (what it tests, overrides on the base recipe)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "liger": ("Liger: key-reused GLA gate, fixed 0.5/0.5, no normalizer", []),
+    "liger-separate": ("Liger with a normalized linear branch", ["conversion.normalizer=separate"]),
+    "lolcats": ("one softmax denominator over window + linear part (LoLCATs)", ["conversion.normalizer=shared"]),
+    "lolcats-hh": ("LoLCATs-style with learned Hedgehog feature maps (identity start), no attention transfer",
+                   ["conversion.normalizer=shared", "conversion.feature_map=hedgehog"]),
+    "lolcats-at": ("LoLCATs: Hedgehog feature maps trained by attention transfer first, then LoRA",
+                   ["conversion.normalizer=shared", "conversion.feature_map=hedgehog", *ATTENTION_TRANSFER]),
+    "lizard": ("Lizard: learned scalar gate, Hedgehog maps, sinks, learned α, attention transfer first",
+               ["conversion.mixer=lizard", "lora.alpha=16", *ATTENTION_TRANSFER]),
+    "gate-hgrn2": ("gate hgrn2 (LoLCATs-style normalizer)", ["conversion.normalizer=shared", "conversion.gate=hgrn2"]),
+    "gate-mamba2": ("gate mamba2 (LoLCATs-style normalizer)", ["conversion.normalizer=shared", "conversion.gate=mamba2"]),
+    "gate-rwkv6": ("gate rwkv6 (LoLCATs-style normalizer)", ["conversion.normalizer=shared", "conversion.gate=rwkv6"]),
+    "gate-scalar": ("gate scalar (LoLCATs-style normalizer)", ["conversion.normalizer=shared", "conversion.gate=scalar"]),
+    "tau-4": ("τ = 4 (faster forgetting; LoLCATs-style normalizer)",
+              ["conversion.normalizer=shared", "conversion.gate_logit_normalizer=4"]),
+    "tau-64": ("τ = 64 (slower forgetting; LoLCATs-style normalizer)",
+               ["conversion.normalizer=shared", "conversion.gate_logit_normalizer=64"]),
+    "window-32": ("window 32 (LoLCATs-style normalizer)", ["conversion.normalizer=shared", "conversion.window=32"]),
+    "window-128": ("window 128 (LoLCATs-style normalizer)", ["conversion.normalizer=shared", "conversion.window=128"]),
+    "lora-qkvo": ("LoRA on q,k,v,o (LoLCATs-style normalizer)",
+                  ["conversion.normalizer=shared", "lora.targets=[q_proj,k_proj,v_proj,o_proj]"]),
+    "kl": ("KL-to-teacher term, weight 1 (LoLCATs-style normalizer)",
+           ["conversion.normalizer=shared", "lora.kl_weight=1.0"]),
+    "keep-1in6": ("1 in 6 layers kept softmax, evenly spaced (LoLCATs-style normalizer)",
+                  ["conversion.normalizer=shared", f"conversion.keep_softmax_layers={KEEP_1_IN_6}"]),
+    "keep-1in3": ("1 in 3 layers kept softmax, evenly spaced (LoLCATs-style normalizer)",
+                  ["conversion.normalizer=shared", f"conversion.keep_softmax_layers={KEEP_1_IN_3}"]),
+    "keep-1in6-worst": ("1 in 6 layers kept softmax: the 5 with the highest attention-transfer error in "
+                        "lolcats-at (LoLCATs-style normalizer)", ["conversion.normalizer=shared"]),
+}
+# Variants whose kept layers come from another variant's per-layer transfer error: name -> (source, count).
+KEEP_BY_ERROR = {"keep-1in6-worst": ("lolcats-at", 5)}
+
+
+def worst_layers(row: dict, count: int) -> list[int]:
+    """The ``count`` layers with the highest relative attention-transfer MSE in a study row."""
+    errors = row.get("transfer_relative_mse")
+    if not errors:
+        raise ValueError(f"variant {row['variant']} has no per-layer transfer error (it needs an attention_transfer stage)")
+    ranked = sorted(zip(errors, row["transfer_layers"]), reverse=True)[:count]
+    return sorted(layer for _, layer in ranked)
+
+
+def run_variant(name: str, overrides: list[str], base_recipe: str, steps: int, at_steps: int, run_dir: Path) -> dict:
+    """Finetune one variant in ``run_dir``; returns its row (perplexities, tokens, time, loss curve)."""
+    from linearize.recipe import load_recipe
+    from linearize.train import finetune
+
+    budget = [f"lora.max_steps={steps}", f"attention_transfer.max_steps={at_steps}", f"output_dir={run_dir}",
+              "train.save_every=0", "train.tensorboard=false"]
+    recipe = load_recipe(base_recipe, overrides + budget)
+    start = time.perf_counter()
+    checkpoints = run_dir / "checkpoints"
+    result = finetune(recipe, resume=checkpoints.is_dir() and any(checkpoints.iterdir()))
+    wall = time.perf_counter() - start
+    s = result.summary
+    curve = []  # (tokens seen, LoRA loss) over the LoRA stage
+    tokens_per_step = recipe.train.batch_size * recipe.train.grad_accum * recipe.data.seq_len
+    lora = s["stages"].get("lora", {})
+    offset = s["stages"].get("attention_transfer", {}).get("tokens", 0)
+    for i, loss in enumerate(lora.get("history", {}).get("loss", [])):
+        curve.append([offset + (i + 1) * tokens_per_step, loss])
+    p = s["perplexity"]
+    return {
+        "variant": name, "overrides": overrides, "tokens": s["tokens_seen"], "wall_time_s": round(wall, 1),
+        "train_time_s": round(sum(st["train_time_s"] for st in s["stages"].values()), 1),
+        "ppl_teacher": p.get("teacher"), "ppl_start": p.get("converted"), "ppl_finetuned": p.get("finetuned"),
+        "ppl_ratio": p["finetuned"] / p["teacher"] if p.get("finetuned") and p.get("teacher") else None,
+        "transfer_layers": s["stages"].get("attention_transfer", {}).get("per_layer_after", {}).get("layers"),
+        "transfer_relative_mse": s["stages"].get("attention_transfer", {}).get("per_layer_after", {}).get("relative_mse"),
+        "loss_curve": curve,
+    }
+
+
+def _write_json(path: Path, data) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=1) + "\n")
+    partial.replace(path)
+
+
+def render_table(rows: list[dict]) -> str:
+    lines = ["| variant | what | tokens | train min | ppl start | ppl finetuned | × teacher |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: r["ppl_finetuned"] if r["ppl_finetuned"] else math.inf):
+        what = VARIANTS.get(r["variant"], ("",))[0]
+        lines.append(f"| {r['variant']} | {what} | {r['tokens']} | {r['train_time_s'] / 60:.1f} | "
+                     f"{r['ppl_start']:.1f} | {r['ppl_finetuned']:.2f} | {r['ppl_ratio']:.2f} |")
+    teacher = next((r["ppl_teacher"] for r in rows if r["ppl_teacher"]), None)
+    if teacher:
+        lines.append(f"\nTeacher held-out perplexity on the same blocks: {teacher:.2f}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["loss_curve"]:
+            tokens, loss = zip(*r["loss_curve"])
+            ax.plot(tokens, loss, label=r["variant"], lw=1.2)
+    ax.set_xlabel("training tokens seen")
+    ax.set_ylabel("LoRA-stage training loss (next-token CE)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.recovery_study", description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--recipe", default=BASE_RECIPE, help=f"base recipe (default {BASE_RECIPE})")
+    p.add_argument("--steps", type=int, default=40, help="LoRA optimiser steps of every variant (default 40)")
+    p.add_argument("--at-steps", type=int, default=8, help="attention-transfer steps where a variant has that stage")
+    p.add_argument("--out", default="docs/recovery", help="results folder (default docs/recovery)")
+    p.add_argument("--runs", default="runs/recovery_study", help="training folders (default runs/recovery_study)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}}
+    for name in names:
+        key = f"{name}@{args.steps}"
+        if key in results["rows"]:
+            logger.info("%s: already measured, skipped", key)
+            continue
+        run_dir = Path(args.runs) / key
+        overrides = list(VARIANTS[name][1])
+        if name in KEEP_BY_ERROR:
+            source, count = KEEP_BY_ERROR[name]
+            if f"{source}@{args.steps}" not in results["rows"]:
+                p.error(f"{name} keeps the layers {source} found hardest: run {source} first (same --steps)")
+            kept = worst_layers(results["rows"][f"{source}@{args.steps}"], count)
+            overrides.append(f"conversion.keep_softmax_layers=[{','.join(map(str, kept))}]")
+        row = run_variant(name, overrides, args.recipe, args.steps, args.at_steps, run_dir)
+        row["lora_steps"] = args.steps
+        results["rows"][key] = row
+        results["command"] = "python -m benchmarks.recovery_study " + " ".join(sys.argv[1:] if argv is None else argv)
+        _write_json(results_path, results)
+        shutil.rmtree(run_dir)  # the row holds what the study needs; the 0.5 GB checkpoint is not kept
+        logger.info("%s: perplexity %.2f -> %.2f (teacher %.2f)", key, row["ppl_start"], row["ppl_finetuned"],
+                    row["ppl_teacher"])
+    rows = [r for r in results["rows"].values() if r.get("lora_steps") == args.steps]
+    (out / "table.md").write_text(render_table(rows))
+    plot(rows, out / "loss.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""The recovery-study driver on a tiny model: variants train, rows and table are written, a finished
+variant is not run twice, and kept layers chosen by transfer error are the worst ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_train import tiny_teacher, write_corpus
+from tiny_tokenizer import byte_tokenizer
+
+from benchmarks import recovery_study as study
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_base_recipe(tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    tiny_teacher().save_pretrained(teacher_dir)
+    byte_tokenizer().save_pretrained(teacher_dir)
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    recipe = tmp_path / "base.yaml"
+    recipe.write_text(
+        f"model: {teacher_dir}\n"
+        "conversion: {mixer: liger, window: 4, chunk_size: 8}\n"
+        f"data: {{source: {corpus}, seq_len: 16, validation_samples: 8}}\n"
+        "stages: [lora]\n"
+        "lora: {lr: 1.0e-2, schedule: constant}\n"
+        "train: {batch_size: 4, eval_batches: 2, log_every: 1}\n"
+    )
+    return recipe
+
+
+def test_study_runs_variants_and_writes_table(tmp_path, monkeypatch):
+    recipe = tiny_base_recipe(tmp_path)
+    out, runs = tmp_path / "study", tmp_path / "runs"
+    argv = ["--recipe", str(recipe), "--variants", "liger,lolcats-at", "--steps", "3", "--at-steps", "2",
+            "--out", str(out), "--runs", str(runs)]
+    assert study.main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert set(rows) == {"liger@3", "lolcats-at@3"}
+    liger, at = rows["liger@3"], rows["lolcats-at@3"]
+    assert liger["tokens"] == 3 * 4 * 16 and at["tokens"] == (2 + 3) * 4 * 16
+    for row in (liger, at):
+        assert row["ppl_finetuned"] < row["ppl_start"]  # lr 1e-2 on a 15-word corpus: it learns
+        assert row["ppl_ratio"] == pytest.approx(row["ppl_finetuned"] / row["ppl_teacher"])
+        assert [t for t, _ in row["loss_curve"]] == [row["tokens"] - (2 - i) * 64 for i in range(3)]
+    assert at["transfer_layers"] == [0, 1] and len(at["transfer_relative_mse"]) == 2
+    assert liger["transfer_relative_mse"] is None
+    assert not runs.exists() or not any(runs.iterdir()), "training folders are removed once recorded"
+    table = (out / "table.md").read_text()
+    assert "| liger |" in table and "| lolcats-at |" in table and (out / "loss.png").is_file()
+
+    # a second call finds both rows and trains nothing
+    monkeypatch.setattr(study, "run_variant", lambda *a, **k: pytest.fail("a recorded variant ran again"))
+    assert study.main(argv) == 0
+
+
+def test_worst_layers_and_bad_variants(tmp_path):
+    row = {"variant": "x", "transfer_layers": [0, 2, 3, 5], "transfer_relative_mse": [0.1, 0.9, 0.3, 0.5]}
+    assert study.worst_layers(row, 2) == [2, 5]
+    with pytest.raises(ValueError, match="no per-layer transfer error"):
+        study.worst_layers({"variant": "y", "transfer_relative_mse": None}, 1)
+    with pytest.raises(SystemExit):
+        study.main(["--variants", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # keep-1in6-worst needs lolcats-at's errors first
+        study.main(["--variants", "keep-1in6-worst", "--out", str(tmp_path)])
+    for name, (_, overrides) in study.VARIANTS.items():
+        from linearize.recipe import load_recipe
+
+        load_recipe(study.BASE_RECIPE, overrides)  # every variant is a valid recipe
