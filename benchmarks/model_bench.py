@@ -366,7 +366,9 @@ def run_bench(
     return {
         "settings": asdict(cfg),
         "teacher_limit": limit,
-        "memory_kind": PeakMemory.kind(device),
+        "memory_kind": PeakMemory.kind(device) + (
+            "; freed memory retained: the later model inherits the earlier one's peak"
+            if cfg.retain_freed_memory and device.type == "cpu" else ""),
         **environment(device),
         "results": results,
     }

@@ -31,41 +31,38 @@ KEEP_1_IN_6 = "[3,9,15,21,27]"
 KEEP_1_IN_3 = "[1,4,7,10,13,16,19,22,25,28]"
 ATTENTION_TRANSFER = ["stages=[attention_transfer,lora]", "attention_transfer.lr=1e-2",
                       "attention_transfer.schedule=constant"]
+LIZARD = ["conversion.mixer=lizard", "lora.alpha=16"]
+SEPARATE = ["conversion.normalizer=separate"]
 
-# name -> (what it tests, overrides on the base recipe)
+# name -> (what it tests, overrides on the base recipe: Liger-GLA, LoRA r=8 on q,k,v, lr 1e-3)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "liger": ("Liger: key-reused GLA gate, fixed 0.5/0.5, no normalizer", []),
-    "liger-separate": ("Liger with a normalized linear branch", ["conversion.normalizer=separate"]),
-    "lolcats": ("one softmax denominator over window + linear part (LoLCATs)", ["conversion.normalizer=shared"]),
-    "lolcats-hh": ("LoLCATs-style with learned Hedgehog feature maps (identity start), no attention transfer",
-                   ["conversion.normalizer=shared", "conversion.feature_map=hedgehog"]),
-    "lolcats-at": ("LoLCATs: Hedgehog feature maps trained by attention transfer first, then LoRA",
+    "liger-separate": ("Liger with a normalized linear branch", SEPARATE),
+    "lolcats": ("one softmax denominator over window + linear part (LoLCATs-style)", ["conversion.normalizer=shared"]),
+    "lolcats-at": ("LoLCATs: shared denominator, Hedgehog maps trained by attention transfer, then LoRA",
                    ["conversion.normalizer=shared", "conversion.feature_map=hedgehog", *ATTENTION_TRANSFER]),
-    "lizard": ("Lizard: learned scalar gate, Hedgehog maps, sinks, learned α, attention transfer first",
-               ["conversion.mixer=lizard", "lora.alpha=16", *ATTENTION_TRANSFER]),
-    "gate-hgrn2": ("gate hgrn2 (LoLCATs-style normalizer)", ["conversion.normalizer=shared", "conversion.gate=hgrn2"]),
-    "gate-mamba2": ("gate mamba2 (LoLCATs-style normalizer)", ["conversion.normalizer=shared", "conversion.gate=mamba2"]),
-    "gate-rwkv6": ("gate rwkv6 (LoLCATs-style normalizer)", ["conversion.normalizer=shared", "conversion.gate=rwkv6"]),
-    "gate-scalar": ("gate scalar (LoLCATs-style normalizer)", ["conversion.normalizer=shared", "conversion.gate=scalar"]),
-    "tau-4": ("τ = 4 (faster forgetting; LoLCATs-style normalizer)",
-              ["conversion.normalizer=shared", "conversion.gate_logit_normalizer=4"]),
-    "tau-64": ("τ = 64 (slower forgetting; LoLCATs-style normalizer)",
-               ["conversion.normalizer=shared", "conversion.gate_logit_normalizer=64"]),
-    "window-32": ("window 32 (LoLCATs-style normalizer)", ["conversion.normalizer=shared", "conversion.window=32"]),
-    "window-128": ("window 128 (LoLCATs-style normalizer)", ["conversion.normalizer=shared", "conversion.window=128"]),
-    "lora-qkvo": ("LoRA on q,k,v,o (LoLCATs-style normalizer)",
-                  ["conversion.normalizer=shared", "lora.targets=[q_proj,k_proj,v_proj,o_proj]"]),
-    "kl": ("KL-to-teacher term, weight 1 (LoLCATs-style normalizer)",
-           ["conversion.normalizer=shared", "lora.kl_weight=1.0"]),
-    "keep-1in6": ("1 in 6 layers kept softmax, evenly spaced (LoLCATs-style normalizer)",
-                  ["conversion.normalizer=shared", f"conversion.keep_softmax_layers={KEEP_1_IN_6}"]),
-    "keep-1in3": ("1 in 3 layers kept softmax, evenly spaced (LoLCATs-style normalizer)",
-                  ["conversion.normalizer=shared", f"conversion.keep_softmax_layers={KEEP_1_IN_3}"]),
-    "keep-1in6-worst": ("1 in 6 layers kept softmax: the 5 with the highest attention-transfer error in "
-                        "lolcats-at (LoLCATs-style normalizer)", ["conversion.normalizer=shared"]),
+    "lizard": ("Lizard: learned scalar gate, Hedgehog maps, 4 sinks, learned α, window 128; attention "
+               "transfer, then LoRA (alpha 16)", [*LIZARD, *ATTENTION_TRANSFER]),
+    "lizard-no-at": ("Lizard without the attention-transfer stage (LoRA + new parameters only)", LIZARD),
+    "lizard-window-64": ("Lizard with a 64-token window", [*LIZARD, *ATTENTION_TRANSFER, "conversion.window=64"]),
+    "lizard-window-32": ("Lizard with a 32-token window", [*LIZARD, *ATTENTION_TRANSFER, "conversion.window=32"]),
+    "lizard-qkvo": ("Lizard, LoRA on q,k,v,o", [*LIZARD, *ATTENTION_TRANSFER, "lora.targets=[q_proj,k_proj,v_proj,o_proj]"]),
+    "lizard-kl": ("Lizard, LoRA loss + KL to the teacher (weight 1)", [*LIZARD, *ATTENTION_TRANSFER, "lora.kl_weight=1.0"]),
+    "lizard-keep-1in6": ("Lizard, 1 in 6 layers kept softmax, evenly spaced",
+                         [*LIZARD, *ATTENTION_TRANSFER, f"conversion.keep_softmax_layers={KEEP_1_IN_6}"]),
+    "lizard-keep-1in6-worst": ("Lizard, 1 in 6 layers kept softmax: the 5 with the highest transfer error in "
+                               "lizard", [*LIZARD, *ATTENTION_TRANSFER]),
+    "lizard-keep-1in3": ("Lizard, 1 in 3 layers kept softmax, evenly spaced",
+                         [*LIZARD, *ATTENTION_TRANSFER, f"conversion.keep_softmax_layers={KEEP_1_IN_3}"]),
+    "gate-hgrn2": ("key-reused gate hgrn2 (normalized Liger)", [*SEPARATE, "conversion.gate=hgrn2"]),
+    "gate-mamba2": ("key-reused gate mamba2 (normalized Liger)", [*SEPARATE, "conversion.gate=mamba2"]),
+    "gate-rwkv6": ("key-reused gate rwkv6 (normalized Liger)", [*SEPARATE, "conversion.gate=rwkv6"]),
+    "gate-scalar": ("key-reused gate pooled to a scalar per head (normalized Liger)", [*SEPARATE, "conversion.gate=scalar"]),
+    "tau-4": ("τ = 4, faster forgetting (normalized Liger)", [*SEPARATE, "conversion.gate_logit_normalizer=4"]),
+    "tau-64": ("τ = 64, slower forgetting (normalized Liger)", [*SEPARATE, "conversion.gate_logit_normalizer=64"]),
 }
 # Variants whose kept layers come from another variant's per-layer transfer error: name -> (source, count).
-KEEP_BY_ERROR = {"keep-1in6-worst": ("lolcats-at", 5)}
+KEEP_BY_ERROR = {"lizard-keep-1in6-worst": ("lizard", 5)}
 
 
 def worst_layers(row: dict, count: int) -> list[int]:
@@ -82,7 +79,11 @@ def run_variant(name: str, overrides: list[str], base_recipe: str, steps: int, a
     from linearize.recipe import load_recipe
     from linearize.train import finetune
 
-    budget = [f"lora.max_steps={steps}", f"attention_transfer.max_steps={at_steps}", f"output_dir={run_dir}",
+    with_transfer = load_recipe(base_recipe, overrides).stages[0] == "attention_transfer"
+    if with_transfer and at_steps >= steps:
+        raise ValueError(f"--at-steps {at_steps} leaves no LoRA steps of the {steps} in the budget")
+    lora_steps = steps - at_steps if with_transfer else steps  # every variant: the same optimiser steps
+    budget = [f"lora.max_steps={lora_steps}", f"attention_transfer.max_steps={at_steps}", f"output_dir={run_dir}",
               "train.save_every=0", "train.tensorboard=false"]
     recipe = load_recipe(base_recipe, overrides + budget)
     start = time.perf_counter()
@@ -152,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.recovery_study", description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--recipe", default=BASE_RECIPE, help=f"base recipe (default {BASE_RECIPE})")
-    p.add_argument("--steps", type=int, default=40, help="LoRA optimiser steps of every variant (default 40)")
-    p.add_argument("--at-steps", type=int, default=8, help="attention-transfer steps where a variant has that stage")
+    p.add_argument("--steps", type=int, default=44,
+                   help="optimiser steps of every variant, attention transfer included (default 44: 22.5K tokens)")
+    p.add_argument("--at-steps", type=int, default=12,
+                   help="of those, attention-transfer steps where a variant has that stage (default 12)")
     p.add_argument("--out", default="docs/recovery", help="results folder (default docs/recovery)")
     p.add_argument("--runs", default="runs/recovery_study", help="training folders (default runs/recovery_study)")
     args = p.parse_args(argv)
