@@ -396,3 +396,28 @@ def test_every_kernel_compiles_for_h100(tmp_path):
     assert len(records) == 2 * 16  # 16 kernel variants per dtype
     spilling = [(r["kernel"], r["stack"]) for r in records if r["dtype"] == "bf16" and r["stack"] > 16]
     assert not spilling, spilling
+
+
+# ------------------------------------------------------------------------------------------------
+# A converted model on the Triton backend (fused Liger op for prefill, decode-step op for decoding)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mixer", ["liger", "lizard"])
+def test_converted_model_on_triton_backend_equals_chunked(mixer, monkeypatch):
+    import linearize
+    from test_convert import _prefill_then_decode
+    from tiny_models import VOCAB, tiny_model
+
+    model = linearize.convert(tiny_model("llama"), linearize.ConversionConfig(mixer=mixer, window=4))
+    ids = torch.randint(0, VOCAB, (2, 13))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1 left-padded
+    with torch.no_grad():
+        monkeypatch.setenv(kernels.BACKEND_ENV, "chunked")
+        want = model(ids, attention_mask=mask).logits
+        monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
+        got = model(ids, attention_mask=mask).logits
+        stepped, _ = _prefill_then_decode(model, ids[:1], split=7)
+    assert_close_rms(got, want, torch.float32, f"{mixer} full forward, triton vs chunked")
+    assert_close_rms(stepped, want[:1], torch.float32, f"{mixer} prefill + decode on triton vs chunked forward")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..cache import hybrid_layer
 from ..config import ConversionConfig
-from ..kernels import gated_linear_attention, sliding_window_attention
+from ..kernels import fused_liger_attention, gated_linear_attention, gla_decode_step, sliding_window_attention
 from .parts import HedgehogFeatureMap, apply_rope, key_gate
 
 # Keyword the model's forward pre-hook uses to hand the 2D padding mask [B, past + T] down to the
@@ -25,6 +25,8 @@ PADDING_MASK_KWARG = "linearize_padding_mask"
 LEARNED_GATE_BIAS_INIT = 4.0
 # Smallest linear-branch denominator (normalized variants), as in flash-linear-attention.
 DENOMINATOR_EPS = 1e-6
+# Steps of at most this many new tokens, without gradients, advance the state with the decode op.
+DECODE_MAX_TOKENS = 4
 
 
 class HybridAttention(nn.Module):
@@ -128,15 +130,22 @@ class HybridAttention(nn.Module):
         keep = valid[:, :, None, None]
         fk = fk * keep.to(fk.dtype)  # padding adds nothing ...
         log_g = log_g * keep  # ... and does not decay the state
+        if self._fusable(layer):  # Liger's fixed mix, nothing buffered: one op for both branches
+            cos, sin = position_embeddings
+            q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            o, state = fused_liger_attention(
+                fq, fk, log_g.float(), q_r, k_r, v, window=cfg.window, window_weight=float(cfg.window_weight),
+                scale_lin=1.0, scale_swa=self.scaling, initial_state=None if layer is None else layer.state,
+                output_final_state=layer is not None, key_mask=valid, sinks=getattr(self, "sinks", None),
+            )  # [B, T, H, D]
+            if layer is not None:
+                layer.store(k_r, v, valid, state, T)
+            return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+
         v_lin = v
         if cfg.normalizer != "none":
             v_lin = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # last column accumulates z
-        o_lin, state = gated_linear_attention(
-            fq, fk, v_lin, log_g.float(),  # decays stay fp32 whatever the activations' dtype
-            scale=1.0,
-            initial_state=None if layer is None else layer.state,
-            output_final_state=layer is not None,
-        )  # [B, T, H, V(+1)]
+        o_lin, state = self._linear_branch(fq, fk, v_lin, log_g.float(), layer)  # [B, T, H, V(+1)]
 
         if not cfg.use_window:
             o = self._normalize(o_lin) if cfg.normalizer != "none" else o_lin
@@ -157,6 +166,25 @@ class HybridAttention(nn.Module):
         if layer is not None and not cfg.use_window:
             layer.store(k[:, :0], v[:, :0], valid[:, :0], state, T)
         return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+
+    def _fusable(self, layer) -> bool:
+        """Whether both branches run as one fused op: Liger's fixed mix without a normalizer, and no
+        window keys buffered from earlier calls (training, and the first prefill)."""
+        cfg = self.cfg
+        return (cfg.use_window and cfg.normalizer == "none" and cfg.mix == "fixed"
+                and (layer is None or layer.keys is None))
+
+    def _linear_branch(self, fq, fk, v, log_g, layer):
+        """Gated linear attention from the cached state; decode steps advance it in place."""
+        T = fq.shape[1]
+        if layer is not None and layer.state is not None and T <= DECODE_MAX_TOKENS and not torch.is_grad_enabled():
+            state = layer.state.contiguous()
+            return gla_decode_step(fq, fk, v, log_g, state, scale=1.0), state
+        return gated_linear_attention(
+            fq, fk, v, log_g, scale=1.0,  # decays stay fp32 whatever the activations' dtype
+            initial_state=None if layer is None else layer.state,
+            output_final_state=layer is not None,
+        )
 
     def _normalize(self, o_lin: torch.Tensor) -> torch.Tensor:
         num, den = o_lin[..., :-1].float(), o_lin[..., -1:].float()
