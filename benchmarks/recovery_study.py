@@ -134,11 +134,13 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.cm.tab20.colors
+    for i, r in enumerate(rows):
         if r["loss_curve"]:
             tokens, loss = zip(*r["loss_curve"])
-            ax.plot(tokens, loss, label=r["variant"], lw=1.2)
+            ax.plot(tokens, loss, label=r["variant"], lw=1.2, color=colors[i % len(colors)],
+                    ls="-" if i < len(colors) else "--")
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel("LoRA-stage training loss (next-token CE)")
     ax.set_yscale("log")

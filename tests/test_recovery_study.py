@@ -6,19 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from test_train import tiny_teacher, write_corpus
+from test_train import _one_thread, tiny_teacher, write_corpus  # noqa: F401  (_one_thread: autouse fixture)
 from tiny_tokenizer import byte_tokenizer
 
 from benchmarks import recovery_study as study
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_base_recipe(tmp_path):
