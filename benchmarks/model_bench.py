@@ -453,7 +453,12 @@ def write_report(report: dict, json_path: str | os.PathLike) -> tuple[Path, Path
     """Write the JSON and, beside it, the PNG (same name, ``.png``)."""
     out = Path(json_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    partial.replace(out)  # never a half-written JSON
+    write_json(out, report)
     return out, plot(report, out.with_suffix(".png"))
+
+
+def write_json(path: Path, data, indent: int = 2) -> None:
+    """Write JSON through a temporary file and a rename: never a half-written file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=indent) + "\n")
+    partial.replace(path)

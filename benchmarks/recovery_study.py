@@ -2,10 +2,11 @@
 
 Each variant is a list of recipe overrides on top of a base recipe (``recipes/smollm2-135m-cpu-liger.yaml``
 by default). Every variant runs ``linearize.train.finetune`` with the same data, seed and number of
-LoRA steps, and the study records from its ``training_summary.json``: held-out perplexity of the
-teacher, of the converted model before training and after, tokens, wall time, and the loss curve.
+optimiser steps (``--steps``; variants with an attention-transfer stage spend ``--at-steps`` of them
+there), and the study records from its summary: held-out perplexity of the teacher, of the
+converted model before training and after, tokens, time, and the loss curve.
 
-    python -m benchmarks.recovery_study --variants liger,lolcats,lizard --steps 40 --out docs/recovery
+    python -m benchmarks.recovery_study --variants liger,lolcats,lizard --steps 44 --out docs/recovery
 
 Results accumulate in ``OUT/results.json`` (a finished variant is not run again, so an interrupted
 study continues where it stopped); the table goes to ``OUT/table.md`` and the loss-vs-tokens plot to
@@ -22,6 +23,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from .model_bench import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -98,21 +101,16 @@ def run_variant(name: str, overrides: list[str], base_recipe: str, steps: int, a
     for i, loss in enumerate(lora.get("history", {}).get("loss", [])):
         curve.append([offset + (i + 1) * tokens_per_step, loss])
     p = s["perplexity"]
+    transfer = s["stages"].get("attention_transfer", {}).get("per_layer_after", {})
     return {
         "variant": name, "overrides": overrides, "tokens": s["tokens_seen"], "wall_time_s": round(wall, 1),
         "train_time_s": round(sum(st["train_time_s"] for st in s["stages"].values()), 1),
         "ppl_teacher": p.get("teacher"), "ppl_start": p.get("converted"), "ppl_finetuned": p.get("finetuned"),
         "ppl_ratio": p["finetuned"] / p["teacher"] if p.get("finetuned") and p.get("teacher") else None,
-        "transfer_layers": s["stages"].get("attention_transfer", {}).get("per_layer_after", {}).get("layers"),
-        "transfer_relative_mse": s["stages"].get("attention_transfer", {}).get("per_layer_after", {}).get("relative_mse"),
+        "transfer_layers": transfer.get("layers"),
+        "transfer_relative_mse": transfer.get("relative_mse"),
         "loss_curve": curve,
     }
-
-
-def _write_json(path: Path, data) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=1) + "\n")
-    partial.replace(path)
 
 
 def render_table(rows: list[dict]) -> str:
@@ -185,14 +183,14 @@ def main(argv: list[str] | None = None) -> int:
             kept = worst_layers(results["rows"][f"{source}@{args.steps}"], count)
             overrides.append(f"conversion.keep_softmax_layers=[{','.join(map(str, kept))}]")
         row = run_variant(name, overrides, args.recipe, args.steps, args.at_steps, run_dir)
-        row["lora_steps"] = args.steps
+        row["steps"] = args.steps
         results["rows"][key] = row
         results["command"] = "python -m benchmarks.recovery_study " + " ".join(sys.argv[1:] if argv is None else argv)
-        _write_json(results_path, results)
+        write_json(results_path, results, indent=1)
         shutil.rmtree(run_dir)  # the row holds what the study needs; the 0.5 GB checkpoint is not kept
         logger.info("%s: perplexity %.2f -> %.2f (teacher %.2f)", key, row["ppl_start"], row["ppl_finetuned"],
                     row["ppl_teacher"])
-    rows = [r for r in results["rows"].values() if r.get("lora_steps") == args.steps]
+    rows = [r for r in results["rows"].values() if r.get("steps") == args.steps]
     (out / "table.md").write_text(render_table(rows))
     plot(rows, out / "loss.png")
     return 0
