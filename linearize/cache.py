@@ -1,7 +1,8 @@
 """Cache of a converted layer: recurrent state plus a sliding-window KV ring buffer.
 
 Memory per sequence is constant in context length: the state ``[B, Hkv, F, V]`` and the last
-``window - 1`` keys/values (post-RoPE) with their padding flags. It plugs into transformers' own
+``window - 1`` keys/values (post-RoPE) with their padding flags (plus, for a linear branch that
+covers only the tokens beyond the window, the last ``window`` tokens' linear-branch inputs). It plugs into transformers' own
 ``Cache`` (e.g. the ``DynamicCache`` that ``generate()`` creates) as the layer object at the
 converted layer's index, so kept softmax layers keep their usual ``DynamicLayer``.
 """
@@ -26,6 +27,10 @@ class HybridCacheLayer(CacheLayerMixin):
         self.keys: torch.Tensor | None = None  # [B, <= window - 1, Hkv, D]
         self.values: torch.Tensor | None = None  # [B, <= window - 1, Hkv, D]
         self.valid: torch.Tensor | None = None  # [B, <= window - 1] bool
+        # linear_span='beyond_window': the linear-branch inputs of the last `window` tokens, waiting
+        # to leave the window (feature-mapped keys [B, window, Hkv, F], values [B, window, Hkv, V],
+        # log decays [B, window, Hkv, F]).
+        self.delayed: tuple[torch.Tensor, ...] | None = None
         self.seen_tokens = 0
 
     # --- what the mixer uses -------------------------------------------------------------------
@@ -40,6 +45,18 @@ class HybridCacheLayer(CacheLayerMixin):
             torch.cat([self.values, v], dim=1),
             torch.cat([self.valid, valid], dim=1),
         )
+
+    def delay_line(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each input [B, T, ...] as it was ``window`` tokens earlier (zeros before the first token).
+
+        The tokens still inside the window are kept for the next call.
+        """
+        if self.delayed is None:
+            self.delayed = tuple(x.new_zeros(x.shape[0], self.window, *x.shape[2:]) for x in inputs)
+        T = inputs[0].shape[1]
+        joined = [torch.cat([old, new], dim=1) for old, new in zip(self.delayed, inputs)]
+        self.delayed = tuple(x[:, -self.window:].detach() for x in joined)
+        return tuple(x[:, :T] for x in joined)
 
     def store(self, k_all: torch.Tensor, v_all: torch.Tensor, valid_all: torch.Tensor, state, new_tokens: int):
         """Keep the last ``window - 1`` keys/values (all the next token can see) and the new state."""
@@ -73,9 +90,11 @@ class HybridCacheLayer(CacheLayerMixin):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
+        if self.delayed is not None:
+            self.delayed = tuple(fn(t) for t in self.delayed)
 
     def reset(self) -> None:
-        self.state = self.keys = self.values = self.valid = None
+        self.state = self.keys = self.values = self.valid = self.delayed = None
         self.seen_tokens = 0
         self.is_initialized = False
 
@@ -107,9 +126,8 @@ class HybridCacheLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         """Bytes this layer holds (state + window buffer)."""
-        return sum(
-            t.numel() * t.element_size() for t in (self.state, self.keys, self.values, self.valid) if t is not None
-        )
+        tensors = (self.state, self.keys, self.values, self.valid, *(self.delayed or ()))
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def hybrid_layer(cache: Cache, layer_idx: int, window: int) -> HybridCacheLayer:

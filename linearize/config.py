@@ -17,6 +17,7 @@ GATES = ("gla", "hgrn2", "mamba2", "rwkv6", "scalar", "learned")
 FEATURE_MAPS = ("softmax", "hedgehog")
 MIXES = ("fixed", "learned")
 NORMALIZERS = ("none", "separate", "shared")
+LINEAR_SPANS = ("all", "beyond_window")
 
 # Per-mixer defaults, with where each number comes from.
 MIXER_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -77,6 +78,12 @@ class ConversionConfig:
     one softmax-style denominator across window and linear parts (LoLCATs)."""
     num_sinks: int | None = None
     """Learned sink logits per head in the window's softmax denominator (Lizard's meta-memory: 4)."""
+    linear_span: str = "all"
+    """Which tokens the linear branch covers: ``all`` of them (Liger, Lizard), or only those that
+    have left the window (``beyond_window``, LoLCATs' split: softmax over the last ``window`` tokens,
+    linear attention over everything before, one shared denominator). ``beyond_window`` is the
+    teacher exactly on contexts up to the window (num_sinks=0) and needs ``normalizer='shared'``; its
+    linear part is weighted by a learned per-head scale exp(β), β starting at 0."""
     keep_softmax_layers: list[int] = field(default_factory=list)
     """Layer indices kept as the teacher's softmax attention (inter-layer hybrid). Negative indices
     count from the end."""
@@ -104,6 +111,12 @@ class ConversionConfig:
             raise ValueError("num_sinks needs the window branch (use_window=True)")
         if self.normalizer == "shared" and not self.use_window:
             raise ValueError("normalizer='shared' shares the window's denominator: it needs use_window=True")
+        _check_choice("linear_span", self.linear_span, LINEAR_SPANS)
+        if self.linear_span == "beyond_window" and self.normalizer != "shared":
+            raise ValueError(
+                "linear_span='beyond_window' splits one softmax between the window and the older tokens: "
+                f"it needs normalizer='shared' (got {self.normalizer!r})"
+            )
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         self.keep_softmax_layers = [int(i) for i in self.keep_softmax_layers]

@@ -31,7 +31,10 @@ VARIANTS = {
     "liger-linear-only": ConversionConfig(use_window=False, normalizer="separate"),
     "lizard": ConversionConfig(mixer="lizard", window=4),
     "liger-keep-layer-0": ConversionConfig(window=4, keep_softmax_layers=[0]),
+    "lizard-beyond-window": ConversionConfig(mixer="lizard", window=4, normalizer="shared",
+                                             linear_span="beyond_window"),
 }
+BEYOND_WINDOW = dict(mixer="lizard", normalizer="shared", linear_span="beyond_window", num_sinks=0)
 
 
 def _cache_of(output):
@@ -75,6 +78,59 @@ def test_prefill_plus_decode_equals_full_forward(arch, variant):
     assert cache.get_seq_length() == ids.shape[1]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_beyond_window_split_is_the_teacher_within_the_window(arch):
+    """linear_span='beyond_window': up to `window` tokens the linear part is empty, so the converted
+    model is the teacher exactly, whatever its learned parameters."""
+    ids = torch.randint(0, VOCAB, (2, 16))
+    teacher = tiny_model(arch)
+    expected = teacher(ids).logits
+    model = linearize.convert(teacher, ConversionConfig(window=8, **BEYOND_WINDOW))  # converts in place
+    for _, param in linearize.conversion_parameters(model):
+        torch.nn.init.normal_(param)
+    torch.testing.assert_close(model(ids[:, :8]).logits, expected[:, :8], **EXACT)
+    # past the window the linear part stands in for the teacher's softmax over the older tokens
+    assert (model(ids).logits[:, 8:] - expected[:, 8:]).abs().max() > 1e-4
+
+
+def test_beyond_window_split_matches_a_token_by_token_reference():
+    """o_t = (Σ_{t−w<s≤t} e^{q·k_s} v_s + e^β Σ_{s≤t−w} Γ(s, t−w) φq·φk_s v_s) / (the same without v),
+    Γ(s, u) = Π_{s<r≤u} γ_r: softmax over the window, the decayed linear state as it was when the
+    window began for everything older, one denominator."""
+    from linearize.mixers.parts import apply_rope
+
+    w, T = 4, 11
+    model = _converted("llama", ConversionConfig(window=w, **BEYOND_WINDOW))
+    mixer = model.model.layers[0].self_attn
+    torch.manual_seed(1)
+    for _, param in linearize.conversion_parameters(model):
+        torch.nn.init.normal_(param, std=0.5)
+    x = torch.randn(1, T, model.config.hidden_size)
+    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
+    with torch.no_grad():
+        out = mixer.hybrid_forward(x, (cos, sin))[0]
+        q, k, v = mixer._qkv(x)
+        fq, fk = mixer.feature_map_q(q)[0], mixer.feature_map_k(k)[0]
+        log_g = torch.nn.functional.logsigmoid(mixer.gate_proj(x))[0]  # [T, Hkv], τ = 1
+        q_r, k_r = apply_rope(q, cos, sin)[0], apply_rope(k, cos, sin)[0]
+        v, beta = v[0], mixer.linear_log_scale
+        group = mixer.num_heads // mixer.num_kv_heads
+        o = torch.zeros(T, mixer.num_heads, mixer.head_dim)
+        for t in range(T):
+            for h in range(mixer.num_heads):
+                g = h // group
+                num, den = torch.zeros(mixer.head_dim), torch.zeros(())
+                for s in range(t + 1):
+                    if s > t - w:
+                        a = torch.exp(q_r[t, h] @ k_r[s, g] * mixer.scaling)
+                    else:
+                        a = torch.exp(beta[h] + log_g[s + 1 : t - w + 1, g].sum()) * (fq[t, h] @ fk[s, g])
+                    num, den = num + a * v[s, g], den + a
+                o[t, h] = num / den
+        expected = mixer.o_proj(o.reshape(T, -1))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_conversion_changes_the_model_and_reuses_weights():
     teacher = tiny_model("llama")
     ids = torch.randint(0, VOCAB, (1, 16))
@@ -116,8 +172,9 @@ def test_generate_cached_equals_uncached(arch, mode):
     torch.testing.assert_close(cached, uncached, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("config", [ConversionConfig(window=4), ConversionConfig(mixer="lizard", window=3)],
-                         ids=["liger", "lizard"])
+@pytest.mark.parametrize("config", [ConversionConfig(window=4), ConversionConfig(mixer="lizard", window=3),
+                                    ConversionConfig(window=3, **BEYOND_WINDOW)],
+                         ids=["liger", "lizard", "beyond-window"])
 def test_left_padded_batch_equals_rows_alone(config):
     model = _converted("llama", config)
     rows = [torch.randint(1, VOCAB, (n,)) for n in (12, 7, 3)]
@@ -217,7 +274,8 @@ def test_converting_twice_is_refused():
 
 
 @pytest.mark.parametrize("bad", [dict(window=0), dict(gate="nope"), dict(mixer="liger", gate="learned"),
-                                 dict(keep_softmax_layers=[5])])
+                                 dict(keep_softmax_layers=[5]), dict(linear_span="nope"),
+                                 dict(mixer="lizard", linear_span="beyond_window")])
 def test_bad_conversion_settings_are_clear_errors(bad):
     with pytest.raises(ValueError):
         linearize.convert(tiny_model("llama"), ConversionConfig(**bad))

@@ -61,6 +61,8 @@ class HybridAttention(nn.Module):
         if config.mix == "learned":
             w = torch.full((H,), float(config.window_weight))
             self.window_logit = nn.Parameter(torch.logit(w.clamp(1e-4, 1 - 1e-4)))  # w = σ(logit), per head
+        if config.linear_span == "beyond_window":
+            self.linear_log_scale = nn.Parameter(torch.zeros(H))  # β: the linear part weighs exp(β)
         if config.num_sinks:
             self.sinks = nn.Parameter(torch.zeros(H, config.num_sinks))  # meta-memory logits
         ref = self.q_proj.weight
@@ -145,7 +147,10 @@ class HybridAttention(nn.Module):
         v_lin = v
         if cfg.normalizer != "none":
             v_lin = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # last column accumulates z
-        o_lin, state = self._linear_branch(fq, fk, v_lin, log_g.float(), layer)  # [B, T, H, V(+1)]
+        log_g = log_g.float()
+        if cfg.linear_span == "beyond_window":  # the linear branch sees a token once it leaves the window
+            fk, v_lin, log_g = self._delayed(layer, fk, v_lin, log_g)
+        o_lin, state = self._linear_branch(fq, fk, v_lin, log_g, layer)  # [B, T, H, V(+1)]
 
         if not cfg.use_window:
             o = self._normalize(o_lin) if cfg.normalizer != "none" else o_lin
@@ -174,6 +179,14 @@ class HybridAttention(nn.Module):
         return (cfg.use_window and cfg.normalizer == "none" and cfg.mix == "fixed"
                 and (layer is None or layer.keys is None))
 
+    def _delayed(self, layer, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The linear branch's inputs shifted ``window`` tokens later: at token t, token t − window
+        enters the state (through the cache's delay line when there is one)."""
+        if layer is not None:
+            return layer.delay_line(*inputs)
+        T, w = inputs[0].shape[1], self.cfg.window
+        return tuple(F.pad(x, (0, 0) * (x.dim() - 2) + (w, 0))[:, :T] for x in inputs)
+
     def _linear_branch(self, fq, fk, v, log_g, layer):
         """Gated linear attention from the cached state; decode steps advance it in place."""
         T = fq.shape[1]
@@ -195,7 +208,10 @@ class HybridAttention(nn.Module):
         if cfg.normalizer == "shared":
             # LoLCATs: one denominator. y = (num_win + num_lin) / (den_win + den_lin), divided through by
             # den_win = exp(lse) for stability.
-            inv = torch.exp(-lse.clamp(min=-80.0))[..., None]  # [B, T, H, 1]
+            log_inv = -lse.clamp(min=-80.0)  # [B, T, H]
+            if cfg.linear_span == "beyond_window":
+                log_inv = log_inv + self.linear_log_scale.float()
+            inv = torch.exp(log_inv)[..., None]  # [B, T, H, 1]
             num_lin, den_lin = o_lin[..., :-1].float(), o_lin[..., -1:].float()
             return (o_win.float() + num_lin * inv) / (1 + den_lin * inv)
         if cfg.normalizer == "separate":
