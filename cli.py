@@ -23,7 +23,7 @@ def _add_convert(sub) -> None:
         help="hub id, local HF folder, .gguf file, or 'smollm2-135m' (the offline default, used when left out)",
     )
     p.add_argument("--out", required=True, help="output folder for the converted checkpoint")
-    from linearize.config import ConversionConfig, FEATURE_MAPS, GATES, MIXERS, MIXES, NORMALIZERS
+    from linearize.config import ConversionConfig, FEATURE_MAPS, GATES, LINEAR_SPANS, MIXERS, MIXES, NORMALIZERS
 
     defaults = ConversionConfig.__dataclass_fields__
     p.add_argument("--mixer", choices=MIXERS, default="liger", help="mixer for converted layers (default: liger)")
@@ -37,6 +37,12 @@ def _add_convert(sub) -> None:
     p.add_argument("--mix", choices=MIXES, default=None, help="fixed or learned per-head branch weights")
     p.add_argument("--window-weight", type=float, default=None, help="weight of the window branch (liger 0.5)")
     p.add_argument("--normalizer", choices=NORMALIZERS, default=None, help="denominator of the linear branch")
+    p.add_argument("--linear-span", choices=LINEAR_SPANS, default="all",
+                   help="tokens the linear branch covers: all (default), or beyond_window (LoLCATs' split, "
+                   "needs --normalizer shared)")
+    p.add_argument("--sink-tokens", type=int, default=0,
+                   help="first tokens kept in the window's softmax for good (StreamingLLM; needs "
+                   "--linear-span beyond_window)")
     p.add_argument("--sinks", dest="num_sinks", type=int, default=None, help="learned sink logits per head")
     p.add_argument("--keep-softmax", dest="keep_softmax_layers", default="",
                    help="comma-separated layer indices kept as softmax attention, e.g. 0,6,12")
@@ -51,7 +57,7 @@ def _run_convert(args) -> None:
 
     keep = [int(x) for x in args.keep_softmax_layers.split(",") if x.strip()]
     fields = ("mixer", "gate", "gate_logit_normalizer", "feature_map", "window", "use_window", "mix",
-              "window_weight", "normalizer", "num_sinks")
+              "window_weight", "normalizer", "num_sinks", "linear_span", "sink_tokens")
     config = ConversionConfig(keep_softmax_layers=keep, **{f: getattr(args, f) for f in fields})
     out = linearize.convert_to_folder(args.model, args.out, config, dtype=args.dtype)
     logging.getLogger("linearize").info("converted checkpoint written to %s", out)

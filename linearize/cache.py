@@ -2,7 +2,8 @@
 
 Memory per sequence is constant in context length: the state ``[B, Hkv, F, V]`` and the last
 ``window - 1`` keys/values (post-RoPE) with their padding flags (plus, for a linear branch that
-covers only the tokens beyond the window, the last ``window`` tokens' linear-branch inputs). It plugs into transformers' own
+covers only the tokens beyond the window, the last ``window`` tokens' linear-branch inputs, and the
+first ``sink_tokens`` keys/values). It plugs into transformers' own
 ``Cache`` (e.g. the ``DynamicCache`` that ``generate()`` creates) as the layer object at the
 converted layer's index, so kept softmax layers keep their usual ``DynamicLayer``.
 """
@@ -31,6 +32,9 @@ class HybridCacheLayer(CacheLayerMixin):
         # to leave the window (feature-mapped keys [B, window, Hkv, F], values [B, window, Hkv, V],
         # log decays [B, window, Hkv, F]).
         self.delayed: tuple[torch.Tensor, ...] | None = None
+        # sink_tokens > 0: the first valid tokens of each row, visible to the window's softmax for
+        # good (keys [B, <= n, Hkv, D] post-RoPE, values, valid [B, <= n], positions [B, <= n]).
+        self.sinks: tuple[torch.Tensor, ...] | None = None
         self.seen_tokens = 0
 
     # --- what the mixer uses -------------------------------------------------------------------
@@ -57,6 +61,15 @@ class HybridCacheLayer(CacheLayerMixin):
         joined = [torch.cat([old, new], dim=1) for old, new in zip(self.delayed, inputs)]
         self.delayed = tuple(x[:, -self.window:].detach() for x in joined)
         return tuple(x[:, :T] for x in joined)
+
+    def sink_inputs(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The buffered sink tokens' (keys, values, valid, positions) followed by the new tokens'."""
+        if self.sinks is None:
+            return inputs
+        return tuple(torch.cat([old, new], dim=1) for old, new in zip(self.sinks, inputs))
+
+    def store_sinks(self, *sinks: torch.Tensor) -> None:
+        self.sinks = tuple(t.detach() for t in sinks)
 
     def store(self, k_all: torch.Tensor, v_all: torch.Tensor, valid_all: torch.Tensor, state, new_tokens: int):
         """Keep the last ``window - 1`` keys/values (all the next token can see) and the new state."""
@@ -92,9 +105,11 @@ class HybridCacheLayer(CacheLayerMixin):
                 setattr(self, name, fn(tensor))
         if self.delayed is not None:
             self.delayed = tuple(fn(t) for t in self.delayed)
+        if self.sinks is not None:
+            self.sinks = tuple(fn(t) for t in self.sinks)
 
     def reset(self) -> None:
-        self.state = self.keys = self.values = self.valid = self.delayed = None
+        self.state = self.keys = self.values = self.valid = self.delayed = self.sinks = None
         self.seen_tokens = 0
         self.is_initialized = False
 
@@ -126,7 +141,7 @@ class HybridCacheLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         """Bytes this layer holds (state + window buffer)."""
-        tensors = (self.state, self.keys, self.values, self.valid, *(self.delayed or ()))
+        tensors = (self.state, self.keys, self.values, self.valid, *(self.delayed or ()), *(self.sinks or ()))
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 

@@ -84,6 +84,11 @@ class ConversionConfig:
     linear attention over everything before, one shared denominator). ``beyond_window`` is the
     teacher exactly on contexts up to the window (num_sinks=0) and needs ``normalizer='shared'``; its
     linear part is weighted by a learned per-head scale exp(β), β starting at 0."""
+    sink_tokens: int = 0
+    """The first N tokens of each sequence stay visible to the window's softmax for good
+    (StreamingLLM's attention sinks) and never enter the linear state. Needs
+    ``linear_span='beyond_window'``: the layer is then the teacher exactly on the window plus these
+    tokens, and linear attention covers only the tokens between them."""
     keep_softmax_layers: list[int] = field(default_factory=list)
     """Layer indices kept as the teacher's softmax attention (inter-layer hybrid). Negative indices
     count from the end."""
@@ -116,6 +121,13 @@ class ConversionConfig:
             raise ValueError(
                 "linear_span='beyond_window' splits one softmax between the window and the older tokens: "
                 f"it needs normalizer='shared' (got {self.normalizer!r})"
+            )
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.sink_tokens and self.linear_span != "beyond_window":
+            raise ValueError(
+                "sink_tokens keeps the first tokens in the window's softmax instead of the linear state: "
+                f"it needs linear_span='beyond_window' (got {self.linear_span!r})"
             )
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")

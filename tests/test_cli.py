@@ -43,6 +43,17 @@ def test_convert_then_generate(teacher_dir, tmp_path, capsys):
     assert printed == tok.decode(expected[0, 3:], skip_special_tokens=True).strip()
 
 
+def test_convert_beyond_window_split(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "split"
+    args = ["convert", str(teacher_dir), "--out", str(out), "--mixer", "lizard", "--window", "4"]
+    assert cli.main(args + ["--linear-span", "beyond_window"]) == 2  # needs the shared normalizer
+    assert "normalizer='shared'" in capsys.readouterr().err and not out.exists()
+    assert cli.main(args + ["--linear-span", "beyond_window", "--normalizer", "shared", "--sink-tokens", "2"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.linearize["linear_span"] == "beyond_window" and model.config.linearize["sink_tokens"] == 2
+    assert all(hasattr(mixer, "linear_log_scale") for _, mixer in linearize.iter_mixers(model))
+
+
 def test_unreachable_hub_id_is_one_clear_error(tmp_path, capsys):
     code = cli.main(["convert", "nobody/does-not-exist", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err

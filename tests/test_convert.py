@@ -33,6 +33,8 @@ VARIANTS = {
     "liger-keep-layer-0": ConversionConfig(window=4, keep_softmax_layers=[0]),
     "lizard-beyond-window": ConversionConfig(mixer="lizard", window=4, normalizer="shared",
                                              linear_span="beyond_window"),
+    "beyond-window-sink-tokens": ConversionConfig(mixer="lizard", window=4, normalizer="shared",
+                                                  linear_span="beyond_window", sink_tokens=3),
 }
 BEYOND_WINDOW = dict(mixer="lizard", normalizer="shared", linear_span="beyond_window", num_sinks=0)
 
@@ -93,14 +95,44 @@ def test_beyond_window_split_is_the_teacher_within_the_window(arch):
     assert (model(ids).logits[:, 8:] - expected[:, 8:]).abs().max() > 1e-4
 
 
-def test_beyond_window_split_matches_a_token_by_token_reference():
-    """o_t = (Σ_{t−w<s≤t} e^{q·k_s} v_s + e^β Σ_{s≤t−w} Γ(s, t−w) φq·φk_s v_s) / (the same without v),
-    Γ(s, u) = Π_{s<r≤u} γ_r: softmax over the window, the decayed linear state as it was when the
-    window began for everything older, one denominator."""
+def test_sink_tokens_without_the_linear_part_are_streaming_attention():
+    """With the linear part weighed to zero, a converted layer is the teacher's attention over its
+    window and the first sink_tokens tokens (StreamingLLM), in one forward and token by token."""
+    from benchmarks.retrieval_layers import streaming_attention
+
+    ids = torch.randint(0, VOCAB, (2, 20))
+    with streaming_attention(tiny_model("llama"), keep=[], window=4, sinks=3) as teacher:
+        expected = teacher(ids).logits
+    model = _converted("llama", ConversionConfig(window=4, sink_tokens=3, **BEYOND_WINDOW))
+    for _, mixer in linearize.iter_mixers(model):
+        torch.nn.init.constant_(mixer.linear_log_scale, -1e4)
+    torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-4)
+    logits, _ = _prefill_then_decode(model, ids, split=2)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sink_tokens_train_with_finite_gradients():
+    """The first queries see no sink outside their window and padding sees nothing at all: neither
+    may turn a gradient into NaN."""
+    model = _converted("llama", ConversionConfig(window=4, sink_tokens=2, **BEYOND_WINDOW))
+    ids = torch.randint(1, VOCAB, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded row
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    grads = [p.grad for _, p in linearize.conversion_parameters(model)] + [model.model.layers[0].self_attn.q_proj.weight.grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("sink_tokens", [0, 2])
+def test_beyond_window_split_matches_a_token_by_token_reference(sink_tokens):
+    """o_t = (Σ_{t−w<s≤t or s<n} e^{q·k_s} v_s + e^β Σ_{n≤s≤t−w} Γ(s, t−w) φq·φk_s v_s) / (the same
+    without v), Γ(s, u) = Π_{s<r≤u} γ_r: softmax over the window and the n sink tokens, the decayed
+    linear state as it was when the window began for everything else, one denominator."""
     from linearize.mixers.parts import apply_rope
 
-    w, T = 4, 11
-    model = _converted("llama", ConversionConfig(window=w, **BEYOND_WINDOW))
+    w, T, n = 4, 11, sink_tokens
+    model = _converted("llama", ConversionConfig(window=w, sink_tokens=n, **BEYOND_WINDOW))
     mixer = model.model.layers[0].self_attn
     torch.manual_seed(1)
     for _, param in linearize.conversion_parameters(model):
@@ -121,7 +153,7 @@ def test_beyond_window_split_matches_a_token_by_token_reference():
                 g = h // group
                 num, den = torch.zeros(mixer.head_dim), torch.zeros(())
                 for s in range(t + 1):
-                    if s > t - w:
+                    if s > t - w or s < n:
                         a = torch.exp(q_r[t, h] @ k_r[s, g] * mixer.scaling)
                     else:
                         a = torch.exp(beta[h] + log_g[s + 1 : t - w + 1, g].sum()) * (fq[t, h] @ fk[s, g])
@@ -173,8 +205,9 @@ def test_generate_cached_equals_uncached(arch, mode):
 
 
 @pytest.mark.parametrize("config", [ConversionConfig(window=4), ConversionConfig(mixer="lizard", window=3),
-                                    ConversionConfig(window=3, **BEYOND_WINDOW)],
-                         ids=["liger", "lizard", "beyond-window"])
+                                    ConversionConfig(window=3, **BEYOND_WINDOW),
+                                    ConversionConfig(window=3, sink_tokens=2, **BEYOND_WINDOW)],
+                         ids=["liger", "lizard", "beyond-window", "sink-tokens"])
 def test_left_padded_batch_equals_rows_alone(config):
     model = _converted("llama", config)
     rows = [torch.randint(1, VOCAB, (n,)) for n in (12, 7, 3)]
@@ -234,7 +267,8 @@ FRESH_PROCESS = textwrap.dedent(
 
 
 def test_reload_in_fresh_process_without_package(tmp_path):
-    model = _converted("qwen3", ConversionConfig(window=4, normalizer="shared", keep_softmax_layers=[0]))
+    config = ConversionConfig(window=4, normalizer="shared", linear_span="beyond_window", keep_softmax_layers=[0])
+    model = _converted("qwen3", config)
     ids = torch.randint(0, VOCAB, (1, 13))
     with torch.no_grad():
         expected = model(ids).logits
@@ -275,7 +309,8 @@ def test_converting_twice_is_refused():
 
 @pytest.mark.parametrize("bad", [dict(window=0), dict(gate="nope"), dict(mixer="liger", gate="learned"),
                                  dict(keep_softmax_layers=[5]), dict(linear_span="nope"),
-                                 dict(mixer="lizard", linear_span="beyond_window")])
+                                 dict(mixer="lizard", linear_span="beyond_window"), dict(sink_tokens=4),
+                                 dict(sink_tokens=-1, **BEYOND_WINDOW)])
 def test_bad_conversion_settings_are_clear_errors(bad):
     with pytest.raises(ValueError):
         linearize.convert(tiny_model("llama"), ConversionConfig(**bad))

@@ -25,8 +25,24 @@ PADDING_MASK_KWARG = "linearize_padding_mask"
 LEARNED_GATE_BIAS_INIT = 4.0
 # Smallest linear-branch denominator (normalized variants), as in flash-linear-attention.
 DENOMINATOR_EPS = 1e-6
+# Masked logit of the sink tokens' softmax (finite: an all-masked row then has finite gradients).
+MASKED_LOGIT = -1e30
+# Smallest total weight when two softmaxes are merged (both empty: a padding query).
+EMPTY_SOFTMAX_EPS = 1e-30
 # Steps of at most this many new tokens, without gradients, advance the state with the decode op.
 DECODE_MAX_TOKENS = 4
+
+
+def merge_softmax(o_a, lse_a, o_b, lse_b):
+    """One softmax from two over disjoint key sets: outputs [B, T, H, D], log-normalizers [B, T, H]
+    (-inf for an empty set)."""
+    lse_a, lse_b = lse_a.float(), lse_b.float()
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isinf(m), 0.0, m)  # finite everywhere, so that no gradient is NaN
+    w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)  # in [0, 1], one of them 1 unless both sets are empty
+    den = (w_a + w_b).clamp_min(EMPTY_SOFTMAX_EPS)
+    o = (o_a.float() * w_a[..., None] + o_b.float() * w_b[..., None]) / den[..., None]
+    return o.to(o_a.dtype), m + torch.log(den)
 
 
 class HybridAttention(nn.Module):
@@ -58,7 +74,7 @@ class HybridAttention(nn.Module):
             self.gate_proj = nn.Linear(self.hidden_size, Hkv)  # γ = σ(W_γ x), one per token and kv head
             nn.init.zeros_(self.gate_proj.weight)
             nn.init.constant_(self.gate_proj.bias, LEARNED_GATE_BIAS_INIT)
-        if config.mix == "learned":
+        if config.mix == "learned" and config.normalizer != "shared":  # a shared denominator weighs the branches itself
             w = torch.full((H,), float(config.window_weight))
             self.window_logit = nn.Parameter(torch.logit(w.clamp(1e-4, 1 - 1e-4)))  # w = σ(logit), per head
         if config.linear_span == "beyond_window":
@@ -144,6 +160,13 @@ class HybridAttention(nn.Module):
                 layer.store(k_r, v, valid, state, T)
             return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
 
+        if cfg.use_window:
+            cos, sin = position_embeddings
+            q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cfg.sink_tokens:
+            o_sink, lse_sink, is_sink = self._sink_attention(q_r, k_r, v, valid, layer)
+            fk = fk * (~is_sink)[:, :, None, None].to(fk.dtype)  # a sink token never enters the state
+
         v_lin = v
         if cfg.normalizer != "none":
             v_lin = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # last column accumulates z
@@ -155,8 +178,6 @@ class HybridAttention(nn.Module):
         if not cfg.use_window:
             o = self._normalize(o_lin) if cfg.normalizer != "none" else o_lin
         else:
-            cos, sin = position_embeddings
-            q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if layer is not None:
                 k_all, v_all, valid_all = layer.window_inputs(k_r, v, valid)
             else:
@@ -165,6 +186,8 @@ class HybridAttention(nn.Module):
                 q_r, k_all, v_all, window=cfg.window, scale=self.scaling,
                 key_mask=valid_all, sinks=getattr(self, "sinks", None),
             )  # [B, T, H, D], [B, T, H]
+            if cfg.sink_tokens:
+                o_win, lse = merge_softmax(o_win, lse, o_sink, lse_sink)
             if layer is not None:
                 layer.store(k_all, v_all, valid_all, state, T)
             o = self._combine(o_win, lse, o_lin)
@@ -186,6 +209,35 @@ class HybridAttention(nn.Module):
             return layer.delay_line(*inputs)
         T, w = inputs[0].shape[1], self.cfg.window
         return tuple(F.pad(x, (0, 0) * (x.dim() - 2) + (w, 0))[:, :T] for x in inputs)
+
+    def _sink_attention(self, q_r, k_r, v, valid, layer):
+        """Softmax over the sink tokens (each row's first ``sink_tokens`` valid tokens) that have left
+        the window: o [B, T, H, D] fp32, lse [B, T, H] (-inf where there are none), and which of the
+        new tokens are sinks [B, T] bool."""
+        B, T = valid.shape
+        n, device = self.cfg.sink_tokens, valid.device
+        past = 0 if layer is None else layer.seen_tokens
+        pos = (past + torch.arange(T, device=device)).expand(B, T)
+        inputs = (k_r, v, valid, pos)
+        k_c, v_c, valid_c, pos_c = layer.sink_inputs(*inputs) if layer is not None else inputs
+        is_sink = valid_c & (valid_c.cumsum(dim=1) <= n)
+        first = torch.sort((~is_sink).to(torch.int8), dim=1, stable=True).indices[:, :n]  # sinks first
+        pick = first[:, :, None, None].expand(-1, -1, *k_c.shape[2:])
+        k_s, v_s = k_c.gather(1, pick), v_c.gather(1, pick)  # [B, <= n, Hkv, D]
+        valid_s, pos_s = is_sink.gather(1, first), pos_c.gather(1, first)
+        if layer is not None:
+            layer.store_sinks(k_s, v_s, valid_s, pos_s)
+        group = self.num_heads // self.num_kv_heads
+        k_s, v_s = k_s.repeat_interleave(group, dim=2), v_s.repeat_interleave(group, dim=2)
+        logits = torch.einsum("bthd,bshd->bths", q_r.float(), k_s.float()) * self.scaling
+        left = valid_s[:, None, :] & (pos_s[:, None, :] <= pos[:, :, None] - self.cfg.window)  # [B, T, n]
+        left = left[:, :, None, :]  # [B, T, 1, n]
+        logits = logits.masked_fill(~left, MASKED_LOGIT)
+        lse = torch.logsumexp(logits, dim=-1)  # [B, T, H], finite
+        p = torch.exp(logits - lse[..., None]) * left
+        o = torch.einsum("bths,bshd->bthd", p, v_s.float())
+        lse = torch.where(left.any(dim=-1), lse, float("-inf"))  # no sink has left the window yet
+        return o, lse, is_sink[:, -T:]
 
     def _linear_branch(self, fq, fk, v, log_g, layer):
         """Gated linear attention from the cached state; decode steps advance it in place."""
