@@ -204,6 +204,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default=None, help="report folder (default DIR/eval)")
+    p.add_argument("--teacher-cache", default=None,
+                   help="folder that keeps the teacher's answers (lm-eval's request cache), so that evaluating "
+                   "the next student against the same teacher skips the teacher's run")
 
 
 def _run_eval(args) -> None:
@@ -221,7 +224,7 @@ def _run_eval(args) -> None:
     report, paths = run_recovery(
         args.dir, args.teacher, args.tasks.split(","), out_dir=args.out, limit=limit, batch_size=args.batch_size,
         max_length=args.max_length, num_fewshot=args.num_fewshot, task_config=task_config, device=args.device,
-        dtype=getattr(torch, args.dtype),
+        dtype=getattr(torch, args.dtype), teacher_cache=args.teacher_cache,
     )
     print(render_markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -36,6 +36,7 @@ ATTENTION_TRANSFER = ["stages=[attention_transfer,lora]", "attention_transfer.lr
                       "attention_transfer.schedule=constant"]
 LIZARD = ["conversion.mixer=lizard", "lora.alpha=16"]
 SEPARATE = ["conversion.normalizer=separate"]
+SPLIT = ["conversion.normalizer=shared", "conversion.linear_span=beyond_window"]
 
 # name -> (what it tests, overrides on the base recipe: Liger-GLA, LoRA r=8 on q,k,v, lr 1e-3)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -46,6 +47,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                    ["conversion.normalizer=shared", "conversion.feature_map=hedgehog", *ATTENTION_TRANSFER]),
     "lizard": ("Lizard: learned scalar gate, Hedgehog maps, 4 sinks, learned α, window 128; attention "
                "transfer, then LoRA (alpha 16)", [*LIZARD, *ATTENTION_TRANSFER]),
+    "lizard-split": ("Lizard with LoLCATs' split: exact softmax over the window, linear attention only over "
+                     "the tokens beyond it, one shared denominator", [*LIZARD, *ATTENTION_TRANSFER, *SPLIT]),
+    "lizard-split-sink-tokens": ("lizard-split with the first 4 tokens kept in the softmax (StreamingLLM's "
+                                 "sinks) instead of 4 learned sink logits",
+                                 [*LIZARD, *ATTENTION_TRANSFER, *SPLIT, "conversion.sink_tokens=4",
+                                  "conversion.num_sinks=0"]),
     "lizard-no-at": ("Lizard without the attention-transfer stage (LoRA + new parameters only)", LIZARD),
     "lizard-window-64": ("Lizard with a 64-token window", [*LIZARD, *ATTENTION_TRANSFER, "conversion.window=64"]),
     "lizard-window-32": ("Lizard with a 32-token window", [*LIZARD, *ATTENTION_TRANSFER, "conversion.window=32"]),

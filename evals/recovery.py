@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -30,6 +31,17 @@ def check_same_tokenizer(teacher_tok, student_tok) -> None:
         )
 
 
+def _teacher_cache_path(folder: str | Path | None, teacher: str, dtype: torch.dtype,
+                        max_length: int | None) -> Path | None:
+    """lm-eval's cache keys on the requests alone: one file per teacher, dtype and context cap."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(Path(teacher).resolve()) if Path(teacher).exists() else teacher)
+    return folder / f"{name.strip('_')}-{str(dtype).removeprefix('torch.')}-{max_length or 'max'}"
+
+
 def run_recovery(
     student: str | Path,
     teacher: str | Path | None = None,
@@ -44,6 +56,7 @@ def run_recovery(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     write_to_checkpoint: bool = True,
+    teacher_cache: str | Path | None = None,
 ) -> tuple[dict, dict[str, Path]]:
     """Evaluate ``teacher`` then ``student`` (a checkpoint folder) with identical settings.
 
@@ -52,6 +65,9 @@ def run_recovery(
     Writes ``report.{json,md,png}`` and the offline task folder (``tasks/``, usable as lm-eval's
     ``--include_path``) into ``out_dir`` (default ``<student>/eval``), and, if
     ``write_to_checkpoint``, ``<student>/eval_report.json`` for the model card.
+    ``teacher_cache``: a folder where the teacher's answers are kept (lm-eval's request cache, one
+    file per teacher, dtype and max length), so that the next student evaluated against the same
+    teacher does not run it again.
     Returns ``(report, paths)``.
     """
     from linearize.sources import DEFAULT_MODEL, load_model, load_tokenizer
@@ -78,9 +94,11 @@ def run_recovery(
     results = {}
     for role, source, tok in (("teacher", teacher, teacher_tok), ("student", str(student), student_tok)):
         logger.info("evaluating the %s %s on %s", role, source, ", ".join(names))
+        cache = _teacher_cache_path(teacher_cache, teacher, dtype, max_length) if role == "teacher" else None
         model = load_model(source, dtype=dtype, device=device)
         results[role] = evaluate(model, tok, names, limit=limit, batch_size=batch_size, max_length=max_length,
-                                 num_fewshot=num_fewshot, task_config=task_config, include_path=include)
+                                 num_fewshot=num_fewshot, task_config=task_config, include_path=include,
+                                 use_cache=cache)
         if role == "teacher":  # free the teacher before loading the student
             del model
             gc.collect()

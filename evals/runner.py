@@ -55,6 +55,7 @@ def evaluate(
     task_config: OfflineTaskConfig | None = None,
     include_path: str | Path | None = None,
     lm=None,
+    use_cache: str | Path | None = None,
 ) -> dict:
     """Evaluate one model; returns lm-eval's results dict (``results``, ``n-samples``, ...).
 
@@ -66,6 +67,8 @@ def evaluate(
     ``task_config`` (if None and offline tasks are asked for, they are built in a temporary folder).
     ``lm``: an already built lm-eval ``LM`` to use instead of wrapping ``model`` (tests, custom
     wrappers).
+    ``use_cache``: lm-eval's request cache (``CachingLM``: a sqlite file per rank at this path
+    prefix). It keys on the requests only, so one path must hold one model's answers.
     """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -89,6 +92,7 @@ def evaluate(
                 task_manager=manager,
                 bootstrap_iters=0,  # stderr by bootstrap spawns worker pools; the report computes acc stderr
                 log_samples=False,
+                use_cache=None if use_cache is None else str(use_cache),
             )
             if results is None:  # lm-eval returns None on non-zero ranks of a distributed run
                 raise RuntimeError("lm-eval returned no results (not rank 0 of a distributed run?)")

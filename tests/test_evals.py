@@ -274,6 +274,30 @@ def test_linearize_eval_cli_on_a_converted_checkpoint(tmp_path, model, tok, caps
     assert (student_dir / "eval" / "report.png").is_file() and (student_dir / "eval" / "report.md").is_file()
 
 
+def test_teacher_cache_answers_the_next_evaluation(tmp_path, model, tok):
+    linearize = pytest.importorskip("linearize")
+    import cli
+
+    teacher_dir, student_dir, cache = tmp_path / "teacher", tmp_path / "student", tmp_path / "cache"
+    model.save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    linearize.save_converted(linearize.convert(tiny_llama(len(tok))), student_dir, tok)
+    args = ["eval", str(student_dir), "--teacher", str(teacher_dir), "--tasks", WIKI, "--limit", "2",
+            "--batch-size", "2", "--teacher-cache", str(cache)]
+
+    def teacher_score(argv):
+        assert cli.main(argv) == 0
+        return json.loads((student_dir / "eval_report.json").read_text())["tasks"][0]["teacher"]
+
+    first = teacher_score(args)
+    assert len(list(cache.glob("*.db"))) == 1
+    # New teacher weights behind the cache's back: the cached answers are still what it reports ...
+    tiny_llama(len(tok), seed=5).save_pretrained(teacher_dir)
+    assert teacher_score(args) == first
+    # ... and without the cache the new weights are evaluated.
+    assert teacher_score(args[:-2]) != pytest.approx(first)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["hf", "linearize"])
 def test_lm_eval_command_line_on_a_converted_folder(tmp_path, tok, command):
