@@ -99,18 +99,29 @@ def run_variant(name: str, overrides: list[str], base_recipe: str, steps: int, a
     start = time.perf_counter()
     checkpoints = run_dir / "checkpoints"
     result = finetune(recipe, resume=checkpoints.is_dir() and any(checkpoints.iterdir()))
-    wall = time.perf_counter() - start
-    s = result.summary
+    row = row_from_summary(name, result.summary)
+    row.update(overrides=overrides, wall_time_s=round(time.perf_counter() - start, 1))
+    return row
+
+
+def row_from_summary(name: str, s: dict) -> dict:
+    """A study row from a finished finetune's ``training_summary.json`` (perplexities, tokens, time,
+    LoRA loss against tokens, per-layer transfer error)."""
+    train, data = s["recipe"]["train"], s["recipe"]["data"]
+    tokens_per_step = train["batch_size"] * train["grad_accum"] * data["seq_len"] * s.get("world_size", 1)
     curve = []  # (tokens seen, LoRA loss) over the LoRA stage
-    tokens_per_step = recipe.train.batch_size * recipe.train.grad_accum * recipe.data.seq_len
     lora = s["stages"].get("lora", {})
     offset = s["stages"].get("attention_transfer", {}).get("tokens", 0)
     for i, loss in enumerate(lora.get("history", {}).get("loss", [])):
         curve.append([offset + (i + 1) * tokens_per_step, loss])
     p = s["perplexity"]
     transfer = s["stages"].get("attention_transfer", {}).get("per_layer_after", {})
+    conv = s["recipe"]["conversion"]
+    what = ", ".join(f"{k} {conv[k]}" for k in ("mixer", "normalizer", "linear_span", "sink_tokens", "num_sinks",
+                                                "keep_softmax_layers") if k in conv)
     return {
-        "variant": name, "overrides": overrides, "tokens": s["tokens_seen"], "wall_time_s": round(wall, 1),
+        "variant": name, "what": f"{what}; {data['seq_len']}-token blocks",
+        "tokens": s["tokens_seen"], "wall_time_s": round(s["wall_time_s"], 1),
         "train_time_s": round(sum(st["train_time_s"] for st in s["stages"].values()), 1),
         "ppl_teacher": p.get("teacher"), "ppl_start": p.get("converted"), "ppl_finetuned": p.get("finetuned"),
         "ppl_ratio": p["finetuned"] / p["teacher"] if p.get("finetuned") and p.get("teacher") else None,
@@ -124,7 +135,7 @@ def render_table(rows: list[dict]) -> str:
     lines = ["| variant | what | tokens | train min | ppl start | ppl finetuned | × teacher |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: r["ppl_finetuned"] if r["ppl_finetuned"] else math.inf):
-        what = VARIANTS.get(r["variant"], ("",))[0]
+        what = r.get("what") or VARIANTS.get(r["variant"], ("",))[0]
         lines.append(f"| {r['variant']} | {what} | {r['tokens']} | {r['train_time_s'] / 60:.1f} | "
                      f"{r['ppl_start']:.1f} | {r['ppl_finetuned']:.2f} | {r['ppl_ratio']:.2f} |")
     teacher = next((r["ppl_teacher"] for r in rows if r["ppl_teacher"]), None)
@@ -156,6 +167,23 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _from_summaries(spec: str, out: Path, parser) -> int:
+    rows = []
+    for item in spec.split(","):
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip():
+            parser.error(f"--summaries item {item!r}: expected NAME=PATH")
+        path = Path(path.strip())
+        if not path.is_file():
+            parser.error(f"--summaries {name}: {path} is not a file (a finetune's training_summary.json)")
+        rows.append(row_from_summary(name.strip(), json.loads(path.read_text())))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", {"rows": {r["variant"]: r for r in rows}}, indent=1)
+    (out / "table.md").write_text(render_table(rows))
+    plot(rows, out / "loss.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.recovery_study", description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
@@ -166,8 +194,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="of those, attention-transfer steps where a variant has that stage (default 12)")
     p.add_argument("--out", default="docs/recovery", help="results folder (default docs/recovery)")
     p.add_argument("--runs", default="runs/recovery_study", help="training folders (default runs/recovery_study)")
+    p.add_argument("--summaries", default=None,
+                   help="instead of training: NAME=training_summary.json,... of finished finetunes, written as "
+                   "rows (results.json), table.md and loss.png into --out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.summaries:
+        return _from_summaries(args.summaries, Path(args.out), p)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

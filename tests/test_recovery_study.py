@@ -68,3 +68,24 @@ def test_worst_layers_and_bad_variants(tmp_path):
         from linearize.recipe import load_recipe
 
         load_recipe(study.BASE_RECIPE, overrides)  # every variant is a valid recipe
+
+
+def test_rows_from_finished_finetunes(tmp_path):
+    summary = {
+        "recipe": {"train": {"batch_size": 2, "grad_accum": 1}, "data": {"seq_len": 8},
+                   "conversion": {"mixer": "lizard", "normalizer": "shared", "keep_softmax_layers": [1]}},
+        "tokens_seen": 64, "wall_time_s": 12.34, "perplexity": {"teacher": 10.0, "converted": 30.0, "finetuned": 12.0},
+        "stages": {"attention_transfer": {"tokens": 32, "train_time_s": 3.0},
+                   "lora": {"train_time_s": 6.0, "history": {"loss": [2.5, 2.0]}}},
+    }
+    path = tmp_path / "training_summary.json"
+    path.write_text(json.dumps(summary))
+    out = tmp_path / "out"
+    assert study.main(["--summaries", f"mine={path}", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "results.json").read_text())["rows"].values()
+    assert row["loss_curve"] == [[48, 2.5], [64, 2.0]]  # after the 32 transfer tokens, 16 per step
+    assert row["train_time_s"] == 9.0 and row["ppl_ratio"] == pytest.approx(1.2)
+    assert "| mine | mixer lizard, normalizer shared, keep_softmax_layers [1]; 8-token blocks |" in (
+        out / "table.md").read_text()
+    with pytest.raises(SystemExit):
+        study.main(["--summaries", f"mine={tmp_path / 'missing.json'}", "--out", str(out)])
