@@ -135,7 +135,7 @@ def render_table(rows: list[dict]) -> str:
     lines = ["| variant | what | tokens | train min | ppl start | ppl finetuned | × teacher |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: r["ppl_finetuned"] if r["ppl_finetuned"] else math.inf):
-        what = r.get("what") or VARIANTS.get(r["variant"], ("",))[0]
+        what = VARIANTS[r["variant"]][0] if r["variant"] in VARIANTS else r.get("what", "")
         lines.append(f"| {r['variant']} | {what} | {r['tokens']} | {r['train_time_s'] / 60:.1f} | "
                      f"{r['ppl_start']:.1f} | {r['ppl_finetuned']:.2f} | {r['ppl_ratio']:.2f} |")
     teacher = next((r["ppl_teacher"] for r in rows if r["ppl_teacher"]), None)
