@@ -37,10 +37,10 @@ def _add_convert(sub) -> None:
     p.add_argument("--mix", choices=MIXES, default=None, help="fixed or learned per-head branch weights")
     p.add_argument("--window-weight", type=float, default=None, help="weight of the window branch (liger 0.5)")
     p.add_argument("--normalizer", choices=NORMALIZERS, default=None, help="denominator of the linear branch")
-    p.add_argument("--linear-span", choices=LINEAR_SPANS, default="all",
+    p.add_argument("--linear-span", choices=LINEAR_SPANS, default=defaults["linear_span"].default,
                    help="tokens the linear branch covers: all (default), or beyond_window (LoLCATs' split, "
                    "needs --normalizer shared)")
-    p.add_argument("--sink-tokens", type=int, default=0,
+    p.add_argument("--sink-tokens", type=int, default=defaults["sink_tokens"].default,
                    help="first tokens kept in the window's softmax for good (StreamingLLM; needs "
                    "--linear-span beyond_window)")
     p.add_argument("--sinks", dest="num_sinks", type=int, default=None, help="learned sink logits per head")
