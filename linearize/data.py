@@ -181,19 +181,42 @@ def format_row(row: dict[str, Any], fmt: str, tokenizer, text_field: str = "text
 # --- tokenizing and packing ----------------------------------------------------------------------
 
 
-def pack(texts: list[str], tokenizer, seq_len: int, add_special_tokens: bool = True) -> torch.Tensor:
-    """Tokenize, join documents with EOS and cut into [N, seq_len] int32 blocks (remainder dropped)."""
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` puts its BOS token before every text it encodes (Gemma's does)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def pack(
+    texts: list[str], tokenizer, seq_len: int, add_special_tokens: bool = True, bos_per_block: bool = False
+) -> torch.Tensor:
+    """Tokenize, join documents with EOS and cut into [N, seq_len] int32 blocks (remainder dropped).
+
+    ``bos_per_block``: every block starts with BOS followed by ``seq_len - 1`` tokens of the stream
+    (the documents' own leading BOS is dropped so that it is not doubled).
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token: packing needs one to separate documents")
+    bos = tokenizer.bos_token_id
+    if bos_per_block and bos is None:
+        raise ValueError("data.bos_per_block=true but the tokenizer has no BOS token; set data.bos_per_block=false")
     pieces: list[np.ndarray] = []
     batch = 512
     for start in range(0, len(texts), batch):
         enc = tokenizer(texts[start : start + batch], add_special_tokens=add_special_tokens)["input_ids"]
-        pieces.extend(np.asarray(doc + [eos], dtype=np.int32) for doc in enc if doc)
+        for doc in enc:
+            if bos_per_block and doc[:1] == [bos]:
+                doc = doc[1:]
+            if doc:
+                pieces.append(np.asarray(doc + [eos], dtype=np.int32))
     ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    n = len(ids) // seq_len
-    return torch.from_numpy(ids[: n * seq_len].copy()).view(n, seq_len)  # [N, seq_len] int32
+    width = seq_len - 1 if bos_per_block else seq_len
+    n = len(ids) // width
+    blocks = ids[: n * width].reshape(n, width)
+    if bos_per_block:
+        blocks = np.concatenate([np.full((n, 1), bos, dtype=np.int32), blocks], axis=1)
+    return torch.from_numpy(np.ascontiguousarray(blocks))  # [N, seq_len] int32
 
 
 def _texts(ds, fmt: str, tokenizer, text_field: str) -> list[str]:
@@ -232,10 +255,11 @@ def build_data(cfg: DataConfig, tokenizer, seed: int = 0, max_length: int | None
         rows = rows.select(range(min(cfg.max_samples, len(rows))))
 
     special = fmt != "chat"  # chat templates write their own BOS
+    bos_per_block = cfg.bos_per_block if isinstance(cfg.bos_per_block, bool) else special and adds_bos(tokenizer)
     train_texts = _texts(rows, fmt, tokenizer, cfg.text_field)
     if not train_texts:
         raise ValueError(f"data source {cfg.source!r}: every training row is empty after formatting")
-    train = pack(train_texts, tokenizer, cfg.seq_len, add_special_tokens=special)
+    train = pack(train_texts, tokenizer, cfg.seq_len, add_special_tokens=special, bos_per_block=bos_per_block)
     if len(train) == 0:
         raise ValueError(
             f"data source {cfg.source!r} has fewer tokens than one block of data.seq_len={cfg.seq_len}"
@@ -246,12 +270,12 @@ def build_data(cfg: DataConfig, tokenizer, seed: int = 0, max_length: int | None
     if val_rows is not None:
         val_texts = _texts(val_rows, fmt, tokenizer, cfg.text_field)
         val_docs = len(val_texts)
-        validation = pack(val_texts, tokenizer, cfg.seq_len, add_special_tokens=special)
+        validation = pack(val_texts, tokenizer, cfg.seq_len, add_special_tokens=special, bos_per_block=bos_per_block)
         if len(validation) == 0:
             raise ValueError(f"the validation text has fewer tokens than one block of data.seq_len={cfg.seq_len}")
     logger.info(
-        "data: %d training blocks of %d tokens (%d documents, format %s)%s",
-        len(train), cfg.seq_len, len(train_texts), fmt,
+        "data: %d training blocks of %d tokens (%d documents, format %s%s)%s",
+        len(train), cfg.seq_len, len(train_texts), fmt, ", BOS first in each block" if bos_per_block else "",
         f", {len(validation)} validation blocks" if validation is not None else "",
     )
     return PackedData(train, validation, fmt, len(train_texts), val_docs)
@@ -294,6 +318,6 @@ def iter_batches(
 
 
 __all__ = [
-    "ALPACA_PROMPT_NO_INPUT", "ALPACA_PROMPT_WITH_INPUT", "PackedData", "build_data", "epoch_order",
+    "ALPACA_PROMPT_NO_INPUT", "ALPACA_PROMPT_WITH_INPUT", "PackedData", "adds_bos", "build_data", "epoch_order",
     "format_row", "iter_batches", "load_rows", "pack", "resolve_format",
 ]

@@ -72,6 +72,11 @@ class DataConfig:
     """Tokens per packed training sequence. Documents are joined with EOS and cut into blocks."""
     max_tokens: int | None = None
     """Token budget: keep at most this many packed training tokens (whole blocks); epochs repeat them."""
+    bos_per_block: Literal["auto"] | bool = "auto"
+    """Start every packed block with the tokenizer's BOS token (each block then holds ``seq_len - 1``
+    tokens of text). Models trained with a leading ``<bos>`` (Gemma) see a block cut mid-document
+    as out of distribution without it. ``auto``: on when the tokenizer puts BOS before each text
+    (Gemma; not SmolLM2 or Qwen) and the format is not ``chat`` (chat templates write their own)."""
 
     def __post_init__(self) -> None:
         if not self.source:

@@ -14,9 +14,9 @@ from tiny_tokenizer import byte_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from linearize.data import (
-    ALPACA_PROMPT_NO_INPUT, build_data, epoch_order, format_row, iter_batches, pack, resolve_format,
+    ALPACA_PROMPT_NO_INPUT, adds_bos, build_data, epoch_order, format_row, iter_batches, pack, resolve_format,
 )
-from linearize.recipe import DataConfig, load_recipe
+from linearize.recipe import DataConfig, RecipeError, load_recipe, recipe_from_dict
 from linearize.train import CONVERSION_PARAMS_FILE, SUMMARY_FILE, finetune
 
 WORDS = "the a red green blue cat dog bird runs sits sings on under mat tree".split()
@@ -181,6 +181,27 @@ def test_pack_joins_documents_with_eos():
     eos = tok.eos_token_id
     a, b, c, d, e, f = tok("abcdef")["input_ids"]
     assert blocks.dtype == torch.int32 and blocks.tolist() == [[a, b, eos], [c, d, e], [eos, f, eos]]
+
+
+def test_pack_starts_every_block_with_bos_for_tokenizers_that_prepend_it(tmp_path):
+    tok = byte_tokenizer(add_bos=True)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    a, b, c, d, e, f = tok("abcdef", add_special_tokens=False)["input_ids"]
+    assert adds_bos(tok) and not adds_bos(byte_tokenizer())
+    # the documents' own BOS is dropped, then each block is BOS + 3 tokens of the stream
+    blocks = pack(["ab", "cde", "f"], tok, seq_len=4, bos_per_block=True)
+    assert blocks.dtype == torch.int32 and blocks.tolist() == [[bos, a, b, eos], [bos, c, d, e], [bos, eos, f, eos]]
+    path = tmp_path / "docs.txt"
+    path.write_text("\n".join(WORDS * 8) + "\n")
+    auto = build_data(DataConfig(source=str(path), seq_len=8, validation_samples=4), tok)
+    assert (auto.train[:, 0] == bos).all() and (auto.validation[:, 0] == bos).all()
+    assert (auto.train[:, 1:] != bos).all()
+    off = build_data(DataConfig(source=str(path), seq_len=8, bos_per_block=False), tok)
+    assert not (off.train[:, 0] == bos).all()
+    plain = build_data(DataConfig(source=str(path), seq_len=8), byte_tokenizer())  # auto: no BOS added
+    assert not (plain.train[:, 0] == plain.train[0, 0]).all()
+    with pytest.raises(RecipeError, match="bos_per_block"):
+        recipe_from_dict({"data": {"bos_per_block": "yes"}})
 
 
 def test_build_data_split_budget_and_jsonl(tmp_path):
