@@ -38,11 +38,11 @@ def _add_convert(sub) -> None:
     p.add_argument("--window-weight", type=float, default=None, help="weight of the window branch (liger 0.5)")
     p.add_argument("--normalizer", choices=NORMALIZERS, default=None, help="denominator of the linear branch")
     p.add_argument("--linear-span", choices=LINEAR_SPANS, default=defaults["linear_span"].default,
-                   help="tokens the linear branch covers: all (default), or beyond_window (LoLCATs' split, "
-                   "needs --normalizer shared)")
+                   help="tokens the linear branch covers: all, or beyond_window (LoLCATs' split, "
+                   "needs --normalizer shared; default %(default)s)")
     p.add_argument("--sink-tokens", type=int, default=defaults["sink_tokens"].default,
                    help="first tokens kept in the window's softmax for good (StreamingLLM; needs "
-                   "--linear-span beyond_window)")
+                   "--linear-span beyond_window; default %(default)s)")
     p.add_argument("--sinks", dest="num_sinks", type=int, default=None, help="learned sink logits per head")
     p.add_argument("--keep-softmax", dest="keep_softmax_layers", default="",
                    help="comma-separated layer indices kept as softmax attention, e.g. 0,6,12")

@@ -20,5 +20,4 @@ def byte_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOT, pad_token=EOT)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS if add_bos else EOT, eos_token=EOT, pad_token=EOT)
