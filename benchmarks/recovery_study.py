@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from .model_bench import write_json
+from linearize.bench import write_json
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model_bench import write_json
+from linearize.bench import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def streaming_attention(model: nn.Module, keep: list[int], window: int, sinks: i
 @torch.no_grad()
 def passkey_accuracy(model: nn.Module, tokenizer, length: int, docs: int, seed: int = 0) -> float:
     """Exact-match passkey retrieval (greedy reproduces every digit) over ``docs`` depths 0..1."""
-    from evals.data import passkey_doc
+    from linearize.evals.data import passkey_doc
 
     rng = random.Random(seed)
     hits = 0

@@ -12,6 +12,20 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+# The one table of weight dtypes a user can name (CLI --dtype, recipe model_dtype, eval, bench).
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = tuple(DTYPES)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype called ``name`` (a key of :data:`DTYPES`), or a ValueError that lists them."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
 MIXERS = ("liger", "lizard", "softmax")
 GATES = ("gla", "hgrn2", "mamba2", "rwkv6", "scalar", "learned")
 FEATURE_MAPS = ("softmax", "hedgehog")

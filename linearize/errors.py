@@ -11,3 +11,7 @@ class UnsupportedArchitectureError(LinearizeError, ValueError):
 
 class SourceNotFoundError(LinearizeError, FileNotFoundError):
     """A model source (hub id, folder, gguf) could not be resolved offline."""
+
+
+class OutputError(LinearizeError):
+    """An output path a verb may not write: not ours, in use, a file, or overlapping its input."""

@@ -13,7 +13,7 @@ Subfolders (``eval/``, checkpoints) are not uploaded, except the report chart, s
 ``recovery.png`` when ``eval/report.png`` exists.
 
 The card reads the recovery report's JSON (``eval_report.json``, written by ``linearize eval``);
-this module does not import ``evals/``.
+this module does not import ``linearize/evals/``.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 gensim ships (in ``gensim/test/test_data/``) a shortened English Wikipedia dump and the word2vec
 analogy questions. They are the only real text this project can count on without hub access, so
-training (``linearize finetune``) and evaluation (``evals/``) both read them through this module.
+training (``linearize finetune``) and evaluation (``linearize/evals/``) both read them through this module.
 
-Stable API (imported by the finetune data code and by ``evals/``):
+Stable API (imported by the finetune data code and by ``linearize/evals/``):
 
 - :func:`wiki_articles` ``(split="all" | "train" | "heldout") -> list[Article]``
 - :func:`capital_analogies` ``(sections=CAPITAL_SECTIONS) -> list[Analogy]``

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-import cli
+from linearize import cli
 import linearize
-from benchmarks import model_bench as mb
+from linearize import bench as mb
 from tiny_models import COMMON, tiny_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

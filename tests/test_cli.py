@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-import cli
+from linearize import cli
 import linearize
 from tiny_models import VOCAB, tiny_model
 

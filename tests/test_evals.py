@@ -12,10 +12,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 pytest.importorskip("lm_eval")
 pytest.importorskip("gensim")
 
-from evals.config import CAPITALS, PASSKEY, WIKI, WIKI_WINDOWS, OfflineTaskConfig  # noqa: E402
-from evals.data import PASSKEY_NEEDLE, PASSKEY_QUESTION, passkey_doc, prepare_tasks  # noqa: E402
-from evals.report import build_report, render_markdown, write_report  # noqa: E402
-from evals.runner import evaluate, parse_limit, split_tasks  # noqa: E402
+from linearize.evals.config import CAPITALS, PASSKEY, WIKI, WIKI_WINDOWS, OfflineTaskConfig  # noqa: E402
+from linearize.evals.data import PASSKEY_NEEDLE, PASSKEY_QUESTION, passkey_doc, prepare_tasks  # noqa: E402
+from linearize.evals.report import build_report, render_markdown, write_report  # noqa: E402
+from linearize.evals.runner import evaluate, parse_limit, split_tasks  # noqa: E402
 from linearize.offline_text import WIKI_HELDOUT_ARTICLES, capital_analogies, wiki_articles  # noqa: E402
 from tiny_tokenizer import byte_tokenizer  # noqa: E402
 
@@ -253,7 +253,7 @@ def test_report_rows_average_and_files(tmp_path):
 
 def test_linearize_eval_cli_on_a_converted_checkpoint(tmp_path, model, tok, capsys):
     linearize = pytest.importorskip("linearize")
-    import cli
+    from linearize import cli
 
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
     model.save_pretrained(teacher_dir)
@@ -276,7 +276,7 @@ def test_linearize_eval_cli_on_a_converted_checkpoint(tmp_path, model, tok, caps
 
 def test_teacher_cache_answers_the_next_evaluation(tmp_path, model, tok):
     linearize = pytest.importorskip("linearize")
-    import cli
+    from linearize import cli
 
     teacher_dir, student_dir, cache = tmp_path / "teacher", tmp_path / "student", tmp_path / "cache"
     model.save_pretrained(teacher_dir)
@@ -301,7 +301,7 @@ def test_teacher_cache_answers_the_next_evaluation(tmp_path, model, tok):
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["hf", "linearize"])
 def test_lm_eval_command_line_on_a_converted_folder(tmp_path, tok, command):
-    """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` and `python -m evals run
+    """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` and `python -m linearize.evals run
     --model linearize` both evaluate a converted folder (slow: lm-eval indexes its ~15K task files)."""
     import subprocess
     import sys
@@ -313,7 +313,7 @@ def test_lm_eval_command_line_on_a_converted_folder(tmp_path, tok, command):
         head = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
                 f"pretrained={folder},trust_remote_code=True,dtype=float32"]
     else:
-        head = [sys.executable, "-m", "evals", "run", "--model", "linearize", "--model_args", f"pretrained={folder}"]
+        head = [sys.executable, "-m", "linearize.evals", "run", "--model", "linearize", "--model_args", f"pretrained={folder}"]
     run = subprocess.run(head + ["--tasks", CAPITALS, "--include_path", str(tasks), "--limit", "3", "--device", "cpu",
                                  "--batch_size", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

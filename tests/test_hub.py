@@ -177,7 +177,7 @@ def test_push_without_token_or_hub_uploads_nothing(checkpoint, monkeypatch, tmp_
 
 
 def test_push_cli(checkpoint, tmp_path, capsys, monkeypatch):
-    import cli
+    from linearize import cli
 
     folder, _ = checkpoint
     assert cli.main(["push", str(folder), "someone/tiny-linear", "--dry-run", str(tmp_path / "out")]) == 0

@@ -129,7 +129,7 @@ def test_help_documents_every_key():
 
 
 def test_cli_parses_finetune():
-    import cli
+    from linearize import cli
 
     args = cli.build_parser().parse_args(["finetune", "r.yaml", "lora.r=4", "train.seed=1", "--resume"])
     assert (args.verb, args.recipe, args.overrides, args.resume) == ("finetune", "r.yaml", ["lora.r=4", "train.seed=1"], True)

@@ -120,7 +120,7 @@ def _cuda() -> bool:
 def _run_bench(args) -> None:
     from rich.progress import Progress
 
-    from benchmarks import model_bench as mb
+    from linearize import bench as mb
 
     cuda = args.device.startswith("cuda")
     cfg = mb.BenchConfig(
@@ -212,9 +212,9 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> None:
     import torch
 
-    from evals import OfflineTaskConfig, render_markdown, run_recovery
+    from linearize.evals import OfflineTaskConfig, render_markdown, run_recovery
 
-    from evals.runner import parse_limit
+    from linearize.evals.runner import parse_limit
 
     limit = parse_limit(args.limit)
     task_config = OfflineTaskConfig(

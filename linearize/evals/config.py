@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from linearize.offline_text import CAPITAL_SECTIONS
 
-# Offline task names (lm-eval task names; the YAMLs live in evals/tasks/).
+# Offline task names (lm-eval task names; the YAMLs live in linearize/evals/tasks/).
 WIKI = "linearize_wiki"
 WIKI_WINDOWS = "linearize_wiki512"
 CAPITALS = "linearize_capitals"
@@ -36,7 +36,7 @@ METRIC_PREFERENCE = ("acc", "exact_match", "acc_norm", "word_perplexity", "perpl
 
 @dataclass
 class OfflineTaskConfig:
-    """How the offline task data is built (see evals/data.py for each task)."""
+    """How the offline task data is built (see linearize/evals/data.py for each task)."""
 
     # Issue 7's perplexity targets use 512-token windows of the held-out articles.
     wiki_window_tokens: int = 512

@@ -2,10 +2,10 @@
 
 lm-eval 0.4.13 finds models only in its own registry (``lm_eval.models.MODEL_MAPPING`` plus
 ``@register_model`` calls made in the running process); it reads no entry points, so an installed
-package cannot add ``lm_eval --model linearize`` without patching lm-eval. ``python -m evals``
+package cannot add ``lm_eval --model linearize`` without patching lm-eval. ``python -m linearize.evals``
 imports this module and then runs lm-eval's own command line, which gives the same effect:
 
-    python -m evals run --model linearize --model_args pretrained=DIR --tasks piqa
+    python -m linearize.evals run --model linearize --model_args pretrained=DIR --tasks piqa
 
 Plain lm-eval works on converted folders without this: ``lm_eval --model hf --model_args
 pretrained=DIR,trust_remote_code=True`` (the folder carries its modeling code). ``linearize``

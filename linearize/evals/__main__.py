@@ -1,9 +1,9 @@
-"""``python -m evals``: lm-eval's own command line with ``--model linearize`` registered, plus
-``python -m evals prepare-tasks OUT [--tokenizer SOURCE]`` to write the offline tasks for
+"""``python -m linearize.evals``: lm-eval's own command line with ``--model linearize`` registered, plus
+``python -m linearize.evals prepare-tasks OUT [--tokenizer SOURCE]`` to write the offline tasks for
 ``--include_path OUT``.
 
-    python -m evals prepare-tasks /tmp/tasks --tokenizer DIR
-    python -m evals run --model linearize --model_args pretrained=DIR \\
+    python -m linearize.evals prepare-tasks /tmp/tasks --tokenizer DIR
+    python -m linearize.evals run --model linearize --model_args pretrained=DIR \\
         --include_path /tmp/tasks --tasks linearize_capitals --limit 100
 """
 
@@ -19,7 +19,7 @@ def _prepare(argv: list[str]) -> None:
     from .config import OFFLINE_TASKS, OfflineTaskConfig
     from .data import prepare_tasks
 
-    p = argparse.ArgumentParser(prog="python -m evals prepare-tasks",
+    p = argparse.ArgumentParser(prog="python -m linearize.evals prepare-tasks",
                                 description="write the offline lm-eval tasks into a folder for --include_path")
     p.add_argument("out", help="folder to write (task stubs + data)")
     p.add_argument("--tokenizer", default=None, help="tokenizer source (default: smollm2-135m)")
@@ -38,7 +38,7 @@ def main() -> None:
     from . import lm_model  # noqa: F401  (registers --model linearize)
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv[0] = "python -m evals"
+    sys.argv[0] = "python -m linearize.evals"
     cli_evaluate()
 
 

@@ -2,12 +2,12 @@
 
 How the offline tasks reach lm-eval (no fork, no patching):
 
-1. ``evals/tasks/_<task>.yaml`` are complete lm-eval task configs except for the data location
+1. ``linearize/evals/tasks/_<task>.yaml`` are complete lm-eval task configs except for the data location
    (``dataset_path: json``) and have no ``task:`` key, so lm-eval's indexer ignores them.
 2. :func:`prepare_tasks` builds each task's documents (JSON lines) with the tokenizer being
    evaluated and writes, into one folder, a stub per task::
 
-       include: /abs/path/evals/tasks/_linearize_wiki.yaml
+       include: /abs/path/linearize/evals/tasks/_linearize_wiki.yaml
        task: linearize_wiki
        tag: linearize_offline
        dataset_kwargs: {data_files: {test: /abs/path/data/linearize_wiki.jsonl}}
