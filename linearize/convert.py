@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,15 +13,13 @@ import torch.nn as nn
 from transformers import PreTrainedModel
 
 from .arch import arch_spec
-from .config import ConversionConfig
+from .config import ConversionConfig, torch_dtype
 from .export import AUTO_MAP, write_remote_code
 from .mixers import iter_mixers
 from .modeling import MODEL_TYPE_PREFIX, base_model_type, linearized_classes, linearized_config
+from .outputs import atomic_folder, check_output_dir
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def convert(model_or_source=None, config: ConversionConfig | None = None, **overrides) -> PreTrainedModel:
     """Replace every attention layer of a causal LM as ``config`` says; returns the converted model.
@@ -71,45 +67,49 @@ def conversion_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]
             yield name, param
 
 
-def save_converted(model: PreTrainedModel, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+def save_converted(model: PreTrainedModel, out_dir: str | os.PathLike, tokenizer=None, *,
+                   overwrite: bool = False) -> Path:
     """Save a converted model as a self-contained folder, atomically (temp folder, then rename).
 
     The folder holds safetensors weights, ``config.json`` with ``auto_map``, the exported modeling
-    code, the tokenizer and the generation config. An existing folder is replaced only once the
-    new one is complete.
+    code, the tokenizer and the generation config. ``tokenizer`` defaults to the one of the source
+    the teacher was loaded from (``linearize.convert("smollm2-135m")``), when known.
+
+    ``out_dir`` follows :mod:`linearize.outputs`: a new or empty folder, or (with ``overwrite``) a
+    folder linearize wrote before, which is replaced only once the new one is complete. A folder
+    with anything else in it, ``.``, or an existing file is refused with :class:`OutputError`.
     """
     model_type = model.config.model_type
     if not model_type.startswith(MODEL_TYPE_PREFIX):
         raise ValueError(f"save_converted expects a converted model, got model_type {model_type!r}")
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    source = getattr(model, "linearize_source", None)
+    source_path = getattr(source, "path", None)
+    out = check_output_dir(out_dir, what="converted checkpoint", overwrite=overwrite, sources=[source_path])
+    if tokenizer is None and source is not None:
+        from .sources import load_tokenizer
+
+        tokenizer = load_tokenizer(source)
+    with atomic_folder(out, kind="converted-model", overwrite=overwrite) as tmp:
         model.config.auto_map = dict(AUTO_MAP)
         model.save_pretrained(tmp, safe_serialization=True)
         write_remote_code(tmp, base_model_type(model_type))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            out.rename(backup)
-            tmp.rename(out)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def convert_to_folder(source, out_dir, config: ConversionConfig | None = None, dtype: str = "float32") -> Path:
-    """Load a teacher, convert it and save the converted checkpoint folder."""
-    from .sources import load_teacher
+def convert_to_folder(source, out_dir, config: ConversionConfig | None = None, dtype: str = "float32", *,
+                      overwrite: bool = False) -> Path:
+    """Load a teacher, convert it and save the converted checkpoint folder.
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    model, tokenizer = load_teacher(source, dtype=DTYPES[dtype])
+    The output folder is checked (:func:`linearize.outputs.check_output_dir`) before the teacher is
+    loaded, so a refused ``out_dir`` costs no time.
+    """
+    from .sources import load_teacher, resolve_source
+
+    torch_dtype_ = torch_dtype(dtype)
+    resolved = resolve_source(source)
+    check_output_dir(out_dir, what="converted checkpoint", overwrite=overwrite, sources=[resolved.path])
+    model, tokenizer = load_teacher(resolved, dtype=torch_dtype_)
     model = convert(model, config)
-    return save_converted(model, out_dir, tokenizer)
+    return save_converted(model, out_dir, tokenizer, overwrite=overwrite)

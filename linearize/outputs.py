@@ -90,7 +90,7 @@ def check_output_dir(path: str | os.PathLike | None, *, what: str, overwrite: bo
     if path is None or str(path).strip() == "":
         raise OutputError(f"{flag} is empty: name a new folder for the {what}, e.g. {flag} out/model")
     raw = Path(path).expanduser()
-    if raw.name in ("", ".", ".."):
+    if str(raw) == "." or raw.name == "..":
         raise OutputError(f"{flag} {path!s} names an existing folder by '.' or '..': name a new folder "
                           f"for the {what}, e.g. {flag} out/model")
     out = raw.resolve()
