@@ -379,6 +379,7 @@ def load_model(
         **_gguf_load_kwargs(resolved),
     )
     model.eval()
+    model.linearize_source = resolved  # where it came from: save_converted carries its tokenizer
     logger.info(
         "Loaded %s (%s, %d layers) from %s in %.1f s",
         type(model).__name__,
