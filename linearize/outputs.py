@@ -12,8 +12,10 @@ holds the current one, an existing file, or the model it reads from.
 - :class:`FolderLock` keeps two runs from writing one folder at once.
 - :func:`atomic_write_text` / :func:`atomic_write_json`: one file, written then renamed.
 
-Temporary siblings are named ``.NAME.tmp-PID-XXXX``; one left behind by a killed process (its PID
-no longer runs) is removed the next time anything writes ``NAME``.
+Temporary siblings are named ``.NAME.tmp-PID-XXXX`` (the new folder being built) and
+``.NAME.old-PID-XXXX`` (the folder being replaced, for the instant between two renames). What a
+killed process (its PID no longer runs) left is tidied the next time anything writes ``NAME``:
+the old folder goes back into place if the new one never arrived, the rest is removed.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 MARKER = ".linearize-output"
 """File inside every folder linearize writes: JSON naming what the folder holds (``kind``)."""
 TMP_INFIX = ".tmp-"
+OLD_INFIX = ".old-"
 CONVERTED_PREFIX = "linearize_"
 
 
@@ -143,28 +146,42 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _stale_siblings(out: Path, infix: str) -> list[Path]:
+    """``.NAME<infix>PID-*`` siblings of ``out`` whose writing process no longer runs."""
+    prefix = f".{out.name}{infix}"
+    stale = []
+    for entry in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
+        if entry.name.startswith(prefix):
+            pid = entry.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                stale.append(entry)
+    return stale
+
+
 def clean_stale_temporaries(out: Path) -> list[Path]:
-    """Remove ``.NAME.tmp-PID-*`` siblings of ``out`` whose writing process no longer runs."""
+    """Tidy what a killed writer of ``out`` left beside it.
+
+    A folder that was moved aside to be replaced (``.NAME.old-PID-*``) goes back into place if the
+    kill came before its replacement arrived; every other leftover (``.NAME.tmp-PID-*``, a
+    half-written new folder or file) is removed. Returns what was removed.
+    """
+    for backup in _stale_siblings(out, OLD_INFIX):
+        if not out.exists():
+            backup.rename(out)
+            logger.warning("restored %s from %s, left by an interrupted run", out, backup.name)
     removed = []
-    if not out.parent.is_dir():
-        return removed
-    prefix = f".{out.name}{TMP_INFIX}"
-    for entry in out.parent.iterdir():
-        if not entry.name.startswith(prefix):
-            continue
-        pid = entry.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-            removed.append(entry)
-            logger.info("removed %s, left by an interrupted run", entry)
+    for entry in _stale_siblings(out, TMP_INFIX) + _stale_siblings(out, OLD_INFIX):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed.append(entry)
+        logger.info("removed %s, left by an interrupted run", entry)
     return removed
 
 
-def _temp_name(out: Path) -> str:
-    return f".{out.name}{TMP_INFIX}{os.getpid()}-"
+def _temp_name(out: Path, infix: str = TMP_INFIX) -> str:
+    return f".{out.name}{infix}{os.getpid()}-"
 
 
 def write_marker(folder: Path, kind: str, **info: Any) -> None:
@@ -190,7 +207,7 @@ def atomic_folder(out: str | os.PathLike, *, kind: str, overwrite: bool = False)
             yield tmp
             write_marker(tmp, kind)
             if out.exists() and any(out.iterdir()):
-                old = Path(tempfile.mkdtemp(prefix=_temp_name(out), dir=out.parent))
+                old = Path(tempfile.mkdtemp(prefix=_temp_name(out, OLD_INFIX), dir=out.parent))
                 os.rmdir(old)
                 out.rename(old)
                 tmp.rename(out)
