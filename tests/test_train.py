@@ -16,8 +16,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from linearize.data import (
     ALPACA_PROMPT_NO_INPUT, adds_bos, build_data, epoch_order, format_row, iter_batches, pack, resolve_format,
 )
+from linearize.outputs import write_marker
 from linearize.recipe import DataConfig, RecipeError, load_recipe, recipe_from_dict
-from linearize.train import CONVERSION_PARAMS_FILE, SUMMARY_FILE, finetune
+from linearize.train import CONVERSION_PARAMS_FILE, SUMMARY_FILE, ResumeError, finetune
 
 WORDS = "the a red green blue cat dog bird runs sits sings on under mat tree".split()
 
@@ -148,10 +149,11 @@ def test_bad_input_fails_early_with_clear_errors(tmp_path):
                  model=tiny_teacher(), tokenizer=tok)
     with pytest.raises(ValueError, match="fewer than one optimiser step"):
         finetune(tiny_recipe(tmp_path, "f", "train.batch_size=4096"), model=tiny_teacher(), tokenizer=tok)
-    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+    with pytest.raises(ResumeError, match="nothing to resume"):
         finetune(tiny_recipe(tmp_path, "g"), resume=True, model=tiny_teacher(), tokenizer=tok)
     (tmp_path / "h" / "checkpoints" / "step-0000001").mkdir(parents=True)
     (tmp_path / "h" / "checkpoints" / "step-0000001" / "trainer_state.json").write_text("{}")
+    write_marker(tmp_path / "h", "finetune-run")
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
         finetune(tiny_recipe(tmp_path, "h"), model=tiny_teacher(), tokenizer=tok)
 
