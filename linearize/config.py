@@ -4,12 +4,16 @@
 model's ``config.json`` (under ``linearize``) so a checkpoint rebuilds itself without this package.
 Fields left as ``None`` take the default of the chosen mixer (``MIXER_DEFAULTS``), so
 ``ConversionConfig(mixer="lizard")`` is the Lizard recipe and ``ConversionConfig()`` is Liger-GLA.
+Every value is checked when the config is made (``ValueError`` "field=value: what is allowed"),
+and against the model it converts before anything of that model changes (:meth:`check_model`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -33,6 +37,14 @@ MIXES = ("fixed", "learned")
 NORMALIZERS = ("none", "separate", "shared")
 LINEAR_SPANS = ("all", "beyond_window")
 
+MAX_WINDOW = 1_048_576
+"""Longest sliding window (and most sink tokens) accepted, in tokens: 1M. The window's KV buffer and
+the delay line hold this many tokens per sequence, so a larger number is a typo, not a setting."""
+MAX_NUM_SINKS = 1024
+"""Most learned sink logits per head (Lizard uses 4)."""
+MAX_CHUNK_SIZE = 4096
+"""Longest chunk of the chunked PyTorch path (its memory grows with T·chunk)."""
+
 # Per-mixer defaults, with where each number comes from.
 MIXER_DEFAULTS: dict[str, dict[str, Any]] = {
     # Liger (Lan et al. 2025): key-reused GLA gate, τ = 16, softmax feature maps, window 64,
@@ -55,9 +67,87 @@ MIXER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+@dataclass(frozen=True)
+class Setting:
+    """What one ``ConversionConfig`` field accepts, and its command-line flag."""
+
+    flag: str
+    """Option of ``linearize convert`` that sets the field."""
+    kind: type
+    """``str`` (one of ``choices``), ``bool``, ``int``, ``float`` or ``list`` (of layer indices)."""
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    """Smallest value (numbers), or None."""
+    high: float | None = None
+    """Largest value (numbers), or None."""
+    above_low: bool = False
+    """``low`` itself is excluded (e.g. τ > 0)."""
+    unit: str = ""
+
+
+SETTINGS: dict[str, Setting] = {
+    "mixer": Setting("--mixer", str, MIXERS),
+    "gate": Setting("--gate", str, GATES),
+    "gate_logit_normalizer": Setting("--tau", float, low=0.0, above_low=True),
+    "feature_map": Setting("--feature-map", str, FEATURE_MAPS),
+    "window": Setting("--window", int, low=1, high=MAX_WINDOW, unit=" tokens"),
+    "use_window": Setting("--no-window", bool),
+    "mix": Setting("--mix", str, MIXES),
+    "window_weight": Setting("--window-weight", float, low=0.0, high=1.0),
+    "normalizer": Setting("--normalizer", str, NORMALIZERS),
+    "num_sinks": Setting("--sinks", int, low=0, high=MAX_NUM_SINKS),
+    "linear_span": Setting("--linear-span", str, LINEAR_SPANS),
+    "sink_tokens": Setting("--sink-tokens", int, low=0, high=MAX_WINDOW, unit=" tokens"),
+    "keep_softmax_layers": Setting("--keep-softmax", list),
+    "chunk_size": Setting("--chunk-size", int, low=1, high=MAX_CHUNK_SIZE, unit=" tokens"),
+}
+
+
+def _allowed(s: Setting) -> str:
+    """What a setting accepts, in words: "an integer from 1 to 1048576 tokens"."""
+    if s.kind is str:
+        return f"must be one of {', '.join(s.choices)}"
+    if s.kind is bool:
+        return "must be true or false"
+    if s.kind is list:
+        return "must be a list of layer indices (integers; negative ones count from the end)"
+    what = "an integer" if s.kind is int else "a finite number"
+    low, high = (None if x is None else s.kind(x) for x in (s.low, s.high))
+    if low is not None and high is not None:
+        return f"must be {what} from {low} to {high}{s.unit}"
+    if low is not None:
+        return f"must be {what} {'>' if s.above_low else '>='} {low}{s.unit}"
+    return f"must be {what}"
+
+
+def check_setting(name: str, value: Any) -> Any:
+    """``value`` checked against ``SETTINGS[name]`` (ints for float fields become floats), or a
+    ``ValueError`` "name=value: what is allowed"."""
+    s = SETTINGS[name]
+    bad = ValueError(f"{name}={value!r}: {_allowed(s)}")
+    if s.kind is str:
+        if not isinstance(value, str) or value not in s.choices:
+            raise bad
+        return value
+    if s.kind is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if s.kind is list:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(i, Integral) and not isinstance(i, bool)
+                                                         for i in value):
+            raise bad
+        return [int(i) for i in value]
+    if isinstance(value, bool) or not isinstance(value, Integral if s.kind is int else Real):
+        raise bad
+    value = s.kind(value)
+    if not math.isfinite(value):
+        raise bad
+    if s.low is not None and (value < s.low or (s.above_low and value == s.low)):
+        raise bad
+    if s.high is not None and value > s.high:
+        raise bad
+    return value
 
 
 @dataclass
@@ -86,7 +176,7 @@ class ConversionConfig:
     head, a initialised so that w starts at ``window_weight`` (Lizard's learned α, kept summing to 1
     with the linear branch's weight because Liger reports that this matters)."""
     window_weight: float | None = None
-    """Weight of the window branch (Liger: 0.5; the two branch weights sum to 1)."""
+    """Weight of the window branch, in [0, 1] (Liger: 0.5; the two branch weights sum to 1)."""
     normalizer: str | None = None
     """Linear-branch denominator: ``none`` (Liger), ``separate`` o = φqᵀS / φqᵀz (Lizard), or ``shared``
     one softmax-style denominator across window and linear parts (LoLCATs)."""
@@ -110,42 +200,45 @@ class ConversionConfig:
     """Chunk length of the chunked PyTorch path (a speed setting; results do not depend on it)."""
 
     def __post_init__(self) -> None:
-        _check_choice("mixer", self.mixer, MIXERS)
+        self.mixer = check_setting("mixer", self.mixer)
         for name, value in MIXER_DEFAULTS[self.mixer].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        _check_choice("gate", self.gate, GATES)
-        _check_choice("feature_map", self.feature_map, FEATURE_MAPS)
-        _check_choice("mix", self.mix, MIXES)
-        _check_choice("normalizer", self.normalizer, NORMALIZERS)
+        for name in SETTINGS:
+            setattr(self, name, check_setting(name, getattr(self, name)))
+        self._check_combination()
+
+    def _check_combination(self) -> None:
+        """Settings that are valid alone but not together."""
         if self.gate == "learned" and self.mixer == "liger":
             raise ValueError("gate='learned' is Lizard's gate: use mixer='lizard' (liger gates reuse the key)")
-        if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be a positive number of tokens, got {self.window!r}")
-        if self.gate_logit_normalizer <= 0:
-            raise ValueError(f"gate_logit_normalizer (τ) must be > 0, got {self.gate_logit_normalizer}")
-        if self.num_sinks < 0:
-            raise ValueError(f"num_sinks must be >= 0, got {self.num_sinks}")
         if self.num_sinks and not self.use_window:
-            raise ValueError("num_sinks needs the window branch (use_window=True)")
+            raise ValueError(f"num_sinks={self.num_sinks}: sinks need the window branch (use_window=True)")
         if self.normalizer == "shared" and not self.use_window:
             raise ValueError("normalizer='shared' shares the window's denominator: it needs use_window=True")
-        _check_choice("linear_span", self.linear_span, LINEAR_SPANS)
         if self.linear_span == "beyond_window" and self.normalizer != "shared":
             raise ValueError(
                 "linear_span='beyond_window' splits one softmax between the window and the older tokens: "
                 f"it needs normalizer='shared' (got {self.normalizer!r})"
             )
-        if self.sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
         if self.sink_tokens and self.linear_span != "beyond_window":
             raise ValueError(
                 "sink_tokens keeps the first tokens in the window's softmax instead of the linear state: "
                 f"it needs linear_span='beyond_window' (got {self.linear_span!r})"
             )
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        self.keep_softmax_layers = [int(i) for i in self.keep_softmax_layers]
+
+    def check_model(self, num_layers: int, max_positions: int | None) -> None:
+        """Refuse settings that do not fit a model of ``num_layers`` layers and a context of
+        ``max_positions`` tokens (None: the model declares none). Cheap: run it before loading weights."""
+        if max_positions is not None and self.mixer != "softmax":
+            for name in ("window", "sink_tokens"):
+                value = getattr(self, name)
+                if value > max_positions:
+                    raise ValueError(
+                        f"{name}={value}: must be at most the model's context of {max_positions} tokens "
+                        "(max_position_embeddings)"
+                    )
+        self.layer_kinds(num_layers)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -164,6 +257,9 @@ class ConversionConfig:
         for i in self.keep_softmax_layers:
             j = i + num_layers if i < 0 else i
             if not 0 <= j < num_layers:
-                raise ValueError(f"keep_softmax_layers has {i}, but the model has {num_layers} layers")
+                raise ValueError(
+                    f"keep_softmax_layers={self.keep_softmax_layers}: {i} is not a layer of this model "
+                    f"({num_layers} layers: indices {-num_layers} to {num_layers - 1})"
+                )
             kept.add(j)
         return ["softmax" if i in kept else self.mixer for i in range(num_layers)]

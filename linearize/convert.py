@@ -28,8 +28,9 @@ def convert(model_or_source=None, config: ConversionConfig | None = None, **over
     copied) or anything ``linearize.sources`` resolves (hub id, folder, .gguf, ``smollm2-135m``,
     ``None`` for the offline default). ``overrides`` replace fields of ``config``.
     """
-    config = config or ConversionConfig()
-    if overrides:
+    if config is None:
+        config = ConversionConfig(**overrides)  # the chosen mixer's defaults fill in the rest
+    elif overrides:
         config = dataclasses.replace(config, **overrides)
     if isinstance(model_or_source, nn.Module):
         model = model_or_source
@@ -40,7 +41,7 @@ def convert(model_or_source=None, config: ConversionConfig | None = None, **over
     model_type = model.config.model_type
     if model_type.startswith(MODEL_TYPE_PREFIX):
         raise ValueError(f"this model is already converted ({model_type}); convert the teacher instead")
-    arch_spec(model_type)  # a clear error for unsupported architectures, before anything changes
+    check_conversion(model.config, config)  # every error before anything changes
     _, model_cls = linearized_classes(model_type)
     new_config = linearized_config(model.config, config)
     new_config._attn_implementation = "sdpa"
@@ -57,6 +58,13 @@ def convert(model_or_source=None, config: ConversionConfig | None = None, **over
     converted = sum(1 for _ in iter_mixers(model))
     logger.info("converted %d attention layers of %s to %s", converted, model_type, config.mixer)
     return model
+
+
+def check_conversion(model_config, config: ConversionConfig) -> None:
+    """Refuse, before any weight is loaded or changed, a conversion that cannot fit this model: an
+    unsupported architecture, a window longer than its context, kept layers it does not have."""
+    arch_spec(model_config.model_type)
+    config.check_model(model_config.num_hidden_layers, getattr(model_config, "max_position_embeddings", None))
 
 
 def conversion_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

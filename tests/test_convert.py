@@ -288,7 +288,10 @@ def test_save_is_atomic_and_replaces_existing(tmp_path):
     out = tmp_path / "ckpt"
     linearize.save_converted(model, out)
     (out / "stale.txt").write_text("old")
-    linearize.save_converted(model, out)
+    with pytest.raises(linearize.LinearizeError, match="--overwrite"):
+        linearize.save_converted(model, out)
+    assert (out / "stale.txt").exists()
+    linearize.save_converted(model, out, overwrite=True)
     assert not (out / "stale.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
