@@ -26,13 +26,15 @@ from typing import Any, Literal
 
 import yaml
 
-from .config import ConversionConfig
+from .config import DTYPE_NAMES, ConversionConfig
 
-STAGES = ("attention_transfer", "lora")
-SCHEDULES = ("cosine", "constant", "linear")
-PRECISIONS = ("fp32", "bf16", "fp16")
-DTYPES = ("float32", "bfloat16", "float16")
-FORMATS = ("auto", "text", "alpaca", "chat")
+DtypeName = Literal[DTYPE_NAMES]  # the one dtype table: linearize.config.DTYPES
+REQUIRED_KEYS = {
+    "model": "the teacher, e.g. model: smollm2-135m (or a hub id, a folder, a .gguf file)",
+    "output_dir": "the run folder, e.g. output_dir: runs/my-run",
+}
+"""Keys a recipe file (with its overrides) must set: without them a stray or empty file would
+silently train the default teacher into a default folder."""
 
 
 class RecipeError(ValueError):
@@ -215,7 +217,7 @@ class Recipe:
 
     model: str = "smollm2-135m"
     """Teacher: hub id, local HF folder, ``.gguf`` file, or ``smollm2-135m`` (the offline default)."""
-    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    model_dtype: DtypeName = "float32"
     """dtype the teacher's weights are loaded in (the master weights during training)."""
     conversion: ConversionConfig = field(default_factory=ConversionConfig)
     """How each attention layer is converted (see ``linearize convert --help``)."""
@@ -394,7 +396,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
     """Read a recipe YAML (or start from the defaults when ``path`` is None) and apply overrides.
 
     Errors are :class:`RecipeError` (a ``ValueError``) naming the bad key and the file, or
-    ``command line`` when an override was at fault.
+    ``command line`` when an override was at fault. The keys of :data:`REQUIRED_KEYS` must be set.
     """
     data: dict[str, Any] = {}
     origin = "defaults"
@@ -416,7 +418,13 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
     if overrides:
         data = apply_overrides(data, overrides)
         origin = f"{origin} with command-line overrides {' '.join(overrides)}"
-    return recipe_from_dict(data, origin)
+    recipe = recipe_from_dict(data, origin)
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise RecipeError(f"{origin}: missing required {'keys' if len(missing) > 1 else 'key'} "
+                          f"{', '.join(missing)}: set {'; '.join(REQUIRED_KEYS[k] for k in missing)} "
+                          "(in the file or as key=value; see linearize finetune --help)")
+    return recipe
 
 
 # --- help text -----------------------------------------------------------------------------------
@@ -465,7 +473,10 @@ def _help_lines(cls: type, prefix: str, width: int) -> list[str]:
         default = _default(f)
         shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
         shown = shown.removesuffix("\n...").strip()
-        lines.append(f"  {key} ({_type_name(tp)}, default {shown})")
+        if key in REQUIRED_KEYS:
+            lines.append(f"  {key} ({_type_name(tp)}, required, e.g. {shown})")
+        else:
+            lines.append(f"  {key} ({_type_name(tp)}, default {shown})")
         doc = docs.get(f.name, "")
         if doc:
             lines.extend(textwrap.wrap(doc, width, initial_indent="      ", subsequent_indent="      "))
@@ -478,7 +489,7 @@ def recipe_help(width: int = 96) -> str:
 
 
 __all__ = [
-    "AttentionTransferConfig", "DataConfig", "LoraConfig", "Recipe", "RecipeError", "StageOptim",
+    "AttentionTransferConfig", "DataConfig", "LoraConfig", "REQUIRED_KEYS", "Recipe", "RecipeError", "StageOptim",
     "TrainConfig", "apply_overrides", "field_docs", "load_recipe", "parse_override", "recipe_from_dict",
     "recipe_help",
 ]

@@ -95,13 +95,16 @@ def test_value_errors_name_the_section_and_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
+REQUIRED = "model: smollm2-135m\noutput_dir: runs/x\n"
+
+
 def test_yaml_floats_without_dot_are_numbers(tmp_path):
-    recipe = load_recipe(_write(tmp_path, "lora:\n  lr: 1e-4\n"))  # YAML 1.1 reads 1e-4 as a string
+    recipe = load_recipe(_write(tmp_path, REQUIRED + "lora:\n  lr: 1e-4\n"))  # YAML 1.1 reads 1e-4 as a string
     assert recipe.lora.lr == 1e-4
 
 
 def test_overrides(tmp_path):
-    path = _write(tmp_path, "lora:\n  r: 4\n")
+    path = _write(tmp_path, REQUIRED + "lora:\n  r: 4\n")
     recipe = load_recipe(path, ["lora.r=16", "conversion.keep_softmax_layers=[0, 3]", "train.max_grad_norm=null",
                                 "stages=[attention_transfer, lora]", "conversion.mixer=lizard", "data.source=x.txt"])
     assert recipe.lora.r == 16
@@ -118,6 +121,20 @@ def test_overrides(tmp_path):
         load_recipe(path, ["lora.r.x=1"])
 
 
+@pytest.mark.parametrize("text", ["", "# nothing yet\n", "lora:\n  r: 4\n"])
+def test_a_recipe_without_model_or_output_dir_is_refused(tmp_path, text):
+    path = _write(tmp_path, text)
+    with pytest.raises(RecipeError, match="missing required keys model, output_dir: set the teacher") as err:
+        load_recipe(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match="missing required key output_dir: set the run folder"):
+        load_recipe(path, ["model=smollm2-135m"])
+    recipe = load_recipe(path, ["model=smollm2-135m", "output_dir=runs/x"])  # overrides count
+    assert (recipe.model, recipe.output_dir) == ("smollm2-135m", "runs/x")
+    with pytest.raises(RecipeError, match="missing required keys model, output_dir"):
+        load_recipe(None)  # the defaults alone are not a run either
+
+
 def test_help_documents_every_key():
     text = recipe_help()
     for key in ("model", "conversion.mixer", "conversion.keep_softmax_layers", "data.source", "data.seq_len",
@@ -126,6 +143,7 @@ def test_help_documents_every_key():
                 "train.save_every", "output_dir"):
         assert f"  {key} (" in text, key
     assert "LoRA rank" in text  # the field's docstring
+    assert "  model (str, required, e.g. smollm2-135m)" in text and "  lora.r (int, default 8)" in text
 
 
 def test_cli_parses_finetune():
