@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from linearize import cli
 import linearize
 from tiny_models import VOCAB, tiny_model
-
-
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    words = ["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(VOCAB - 3)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+from tiny_tokenizer import word_tokenizer
 
 
 @pytest.fixture
 def teacher_dir(tmp_path):
     folder = tmp_path / "teacher"
     tiny_model("llama").save_pretrained(folder)
-    _tiny_tokenizer().save_pretrained(folder)
+    word_tokenizer(VOCAB).save_pretrained(folder)
     return folder
 
 
@@ -35,11 +28,11 @@ def test_convert_then_generate(teacher_dir, tmp_path, capsys):
     assert [i for i, _ in linearize.iter_mixers(model)] == [0]
 
     capsys.readouterr()
-    assert cli.main(["generate", str(out), "--prompt", "w1 w2 w3", "--max-new-tokens", "6"]) == 0
+    assert cli.main(["generate", str(out), "--prompt", "w4 w5 w6", "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out.strip()
     tok = PreTrainedTokenizerFast.from_pretrained(out)
-    ids = tok("w1 w2 w3", return_tensors="pt")
-    expected = model.eval().generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ids = tok("w4 w5 w6", return_tensors="pt")
+    expected = model.eval().generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     assert printed == tok.decode(expected[0, 3:], skip_special_tokens=True).strip()
 
 
@@ -81,6 +74,6 @@ def test_unsupported_architecture_from_the_cli(tmp_path, capsys):
 
     folder = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(folder)
-    _tiny_tokenizer().save_pretrained(folder)
+    word_tokenizer(VOCAB).save_pretrained(folder)
     assert cli.main(["convert", str(folder), "--out", str(tmp_path / "y")]) == 2
     assert "not supported" in capsys.readouterr().err

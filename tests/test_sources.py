@@ -9,7 +9,7 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from linearize import sources
 from linearize.errors import SourceNotFoundError
@@ -21,6 +21,7 @@ from linearize.sources import (
     model_max_length,
     resolve_source,
 )
+from tiny_tokenizer import word_tokenizer
 
 TINY = dict(
     hidden_size=64,
@@ -37,22 +38,13 @@ def _tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
 
 
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, TINY["vocab_size"])}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> tuple[Path, LlamaForCausalLM]:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny_llama")
     model = _tiny_llama()
     model.save_pretrained(folder)
-    _tiny_tokenizer().save_pretrained(folder)
+    word_tokenizer(TINY["vocab_size"]).save_pretrained(folder)
     return folder, model
 
 
