@@ -10,9 +10,15 @@ and against the model it converts before anything of that model changes (:meth:`
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import inspect
 import math
+import re
+import textwrap
 from dataclasses import dataclass, field
+from functools import lru_cache
 from numbers import Integral, Real
 from typing import Any
 
@@ -158,9 +164,9 @@ class ConversionConfig:
     """Mixer for converted layers: ``liger`` (key-reused gates), ``lizard`` (learned gate, sinks) or
     ``softmax`` (keep every layer as it is: the conversion path then changes nothing)."""
     gate: str | None = None
-    """Decay gate. From the key itself (no new parameters): ``gla`` log α = logsigmoid(k)/τ per key
-    dimension; ``hgrn2`` the same gate with key' = 1 − α; ``mamba2`` log α = −softplus(k)/τ;
-    ``rwkv6`` log α = −exp(k)/τ; ``scalar`` k pooled over the head dimension first. ``learned``:
+    """Decay gate: ``gla``, ``hgrn2``, ``mamba2``, ``rwkv6`` or ``scalar`` come from the key itself (no
+    new parameters), ``learned`` is Lizard's. ``gla``: log α = logsigmoid(k)/τ per key dimension;
+    ``hgrn2`` the same gate with key' = 1 − α; ``mamba2`` log α = −softplus(k)/τ; ``rwkv6`` log α = −exp(k)/τ; ``scalar`` k pooled over the head dimension first. ``learned``:
     Lizard's γ = σ(W_γ x), a scalar per token and key/value head."""
     gate_logit_normalizer: float | None = None
     """τ, divides the gate's log decay (Liger: 16). Larger τ means slower forgetting."""
@@ -170,7 +176,7 @@ class ConversionConfig:
     window: int | None = None
     """Sliding-window size in tokens, the current one included (Liger: 64, Lizard: 128)."""
     use_window: bool | None = None
-    """Keep the sliding-window softmax branch (False: linear branch only)."""
+    """Keep the sliding-window softmax branch; False (``--no-window``) leaves the linear branch only."""
     mix: str | None = None
     """``fixed``: o = w·o_window + (1 − w)·o_linear with w = ``window_weight``; ``learned``: w = σ(a) per
     head, a initialised so that w starts at ``window_weight`` (Lizard's learned α, kept summing to 1
@@ -263,3 +269,76 @@ class ConversionConfig:
                 )
             kept.add(j)
         return ["softmax" if i in kept else self.mixer for i in range(num_layers)]
+
+
+# --- documentation and command-line options, generated from the fields -------------------------------
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (and of its dataclass bases), on one line."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
+    return docs
+
+
+def _first_sentence(doc: str) -> str:
+    text = doc.replace("``", "")
+    return re.split(r"(?<=[.!?])\s+", text, maxsplit=1)[0]
+
+
+def parse_layer_indices(text: str) -> list[int]:
+    """``"0,6,-1"`` -> ``[0, 6, -1]`` (``""`` -> ``[]``): the ``--keep-softmax`` argument type."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"keep_softmax_layers={text!r}: must be comma-separated layer indices (integers), e.g. 0,6,-1"
+        ) from None
+
+
+def conversion_arguments() -> list[tuple[str, dict[str, Any]]]:
+    """``linearize convert``'s options, one per :class:`ConversionConfig` field: ``(flag, kwargs)``
+    for ``parser.add_argument(flag, **kwargs)``.
+
+    Each option stores into ``dest`` = the field's name, so for the parsed ``args``
+    ``ConversionConfig(**{name: getattr(args, name) for name in SETTINGS})`` is the config; an
+    option left out gives the field's default (None: the chosen mixer's). Help is the first
+    sentence of the field's docstring plus its default.
+    """
+    docs = field_docs(ConversionConfig)
+    fields = {f.name: f for f in dataclasses.fields(ConversionConfig)}
+    arguments = []
+    for name, s in SETTINGS.items():
+        f = fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_ = _first_sentence(docs[name])
+        if default is None:
+            per_mixer = ", ".join(f"{m} {d[name]}" for m, d in MIXER_DEFAULTS.items() if m != "softmax")
+            help_ += f" (default: the mixer's; {per_mixer})"
+        elif s.kind is not bool:
+            help_ += f" (default: {','.join(map(str, default)) or 'none'})" if s.kind is list else f" (default: {default})"
+        kwargs: dict[str, Any] = dict(dest=name, default=default)
+        if s.kind is bool:
+            kwargs.update(action="store_false", help=f"sets {name}=False. {help_}")
+        elif s.kind is list:
+            kwargs.update(type=parse_layer_indices, metavar="I,J,...", help=help_)
+        elif s.kind is str:
+            kwargs.update(choices=s.choices, help=help_)
+        else:
+            kwargs.update(type=s.kind, help=help_)
+        kwargs["help"] = kwargs["help"].replace("%", "%%")
+        arguments.append((s.flag, kwargs))
+    return arguments

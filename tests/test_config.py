@@ -119,3 +119,58 @@ def test_overrides_without_a_config_take_the_chosen_mixers_defaults():
     assert model.config.linearize["gate"] == "learned" and model.config.linearize["num_sinks"] == 4
     ids = torch.randint(0, VOCAB, (1, 6))
     assert torch.isfinite(model(ids).logits).all()
+
+
+# --- the convert command's options, generated from the fields --------------------------------------
+
+LEGACY_FLAGS = ("--mixer", "--gate", "--tau", "--feature-map", "--window", "--no-window", "--mix", "--window-weight",
+                "--normalizer", "--linear-span", "--sink-tokens", "--sinks", "--keep-softmax")
+
+
+def _parser():
+    import argparse
+
+    from linearize.config import conversion_arguments
+
+    parser = argparse.ArgumentParser(prog="convert", exit_on_error=False)
+    for flag, kwargs in conversion_arguments():
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def _config_from(argv):
+    args = _parser().parse_args(argv)
+    return ConversionConfig(**{name: getattr(args, name) for name in SETTINGS})
+
+
+def test_convert_options_cover_every_field_with_the_existing_flag_names():
+    from linearize.config import conversion_arguments, field_docs
+
+    arguments = dict(conversion_arguments())
+    assert set(LEGACY_FLAGS) <= set(arguments)
+    assert {kw["dest"] for kw in arguments.values()} == set(SETTINGS)
+    docs = field_docs(ConversionConfig)
+    for flag, kwargs in arguments.items():  # help is the field's docstring's first sentence
+        assert docs[kwargs["dest"]].replace("``", "").split(". ")[0].split(" (")[0] in kwargs["help"], flag
+    assert "liger 64, lizard 128" in arguments["--window"]["help"]
+
+
+def test_parsed_options_make_the_config():
+    assert _config_from([]) == ConversionConfig()
+    config = _config_from("--mixer lizard --no-window --normalizer separate --sinks 0 --keep-softmax 0,-1 "
+                          "--tau 2 --window-weight 0.25 --chunk-size 16".split())
+    assert config == ConversionConfig(mixer="lizard", use_window=False, normalizer="separate", num_sinks=0,
+                                      keep_softmax_layers=[0, -1], gate_logit_normalizer=2.0, window_weight=0.25,
+                                      chunk_size=16)
+    assert _config_from(["--mixer", "lizard"]).window == 128  # left out: the mixer's default
+
+
+def test_bad_options_are_one_line_naming_the_field():
+    import argparse
+
+    with pytest.raises(argparse.ArgumentError, match=r"--keep-softmax.*keep_softmax_layers='1\.5'"):
+        _parser().parse_args(["--keep-softmax", "1.5"])
+    with pytest.raises(ValueError, match=r"^gate_logit_normalizer=nan: must be a finite number > 0"):
+        _config_from(["--tau", "nan"])
+    with pytest.raises(ValueError, match=r"^window_weight=5\.0: must be a finite number from 0\.0 to 1\.0"):
+        _config_from(["--window-weight", "5"])
