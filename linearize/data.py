@@ -8,6 +8,7 @@ run would, on any number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import SourceNotFoundError
 from .recipe import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -120,7 +122,54 @@ def load_rows(cfg: DataConfig, split: str):
         if all(os.path.getsize(f) == 0 for f in files):
             raise ValueError(f"data source {cfg.source!r} is empty: {', '.join(files)} hold no text")
         return datasets.load_dataset(_builder(files), data_files=files, split="train")
-    return datasets.load_dataset(cfg.source, cfg.name, split=split)
+    return _load_hub_dataset(cfg, split)
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the hub's host resolves and accepts a connection (a quick check, no request)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Hub offline mode for the duration: ``datasets`` then reads only its cache, without retries."""
+    import datasets
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = before
+
+
+def _load_hub_dataset(cfg: DataConfig, split: str):
+    """A hub dataset (or its cached copy); one clear error when neither can be had."""
+    import datasets
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE or not _hub_reachable()
+    try:
+        with _hub_offline() if offline else contextlib.nullcontext():
+            return datasets.load_dataset(cfg.source, cfg.name, split=split)
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
+        why = "the hub cannot be reached (offline) and it is not in the datasets cache" if offline else \
+            f"it could not be loaded from the hub ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        raise SourceNotFoundError(
+            f"data.source {cfg.source!r}: {why}; pass a local .json/.jsonl/.txt/.parquet file or folder, "
+            f"or data.source={OFFLINE_WIKI} (the offline Wikipedia sample)"
+        ) from None
 
 
 # --- formatting ----------------------------------------------------------------------------------

@@ -14,13 +14,14 @@ import pytest
 import torch
 from conftest import RTOL, rel_rms
 from safetensors.torch import load_file
-from test_train import _one_thread, tiny_teacher, write_corpus  # noqa: F401 (autouse fixture)
+from tiny_models import tiny_teacher, write_corpus
 from tiny_tokenizer import byte_tokenizer
 
 from linearize.recipe import load_recipe
 from linearize.train import MODEL_DIR, SUMMARY_FILE, finetune
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _recipe_file(tmp_path: Path) -> Path:
@@ -31,7 +32,7 @@ def _recipe_file(tmp_path: Path) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(f"""
 model: {teacher_dir}
-conversion: {{mixer: lizard, window: 4, chunk_size: 8}}
+conversion: {{mixer: lizard, window: 4}}
 data: {{source: {corpus}, seq_len: 16, validation_samples: 8}}
 stages: [attention_transfer, lora]
 attention_transfer: {{lr: 1.0e-2, max_steps: 2, schedule: constant}}
@@ -69,5 +70,8 @@ def test_two_gloo_processes_take_the_same_steps_as_one(tmp_path):
         assert err <= RTOL[torch.float32], f"{name}: relative RMS {err:.3g}"
     assert changed > 0, "training changed no weight"
     for stage in ("attention_transfer", "lora"):
-        for a, b in zip(ddp_summary["stages"][stage]["history"]["loss"], single.summary["stages"][stage]["history"]["loss"]):
+        ddp_loss = ddp_summary["stages"][stage]["history"]["loss"]
+        one_loss = single.summary["stages"][stage]["history"]["loss"]
+        assert len(ddp_loss) == len(one_loss) == 2, (stage, ddp_loss, one_loss)
+        for a, b in zip(ddp_loss, one_loss):
             assert a == pytest.approx(b, rel=1e-4)

@@ -40,3 +40,48 @@ def tiny_model(arch: str = "llama", seed: int = 0):
             torch.nn.init.normal_(layer.self_attn.q_proj.bias, std=0.5)
             torch.nn.init.normal_(layer.self_attn.k_proj.bias, std=0.5)
     return model.eval()
+
+
+# --- finetune fixtures (tests of linearize.train) ---------------------------------------------------
+
+WORDS = "the a red green blue cat dog bird runs sits sings on under mat tree".split()
+
+
+def tiny_teacher(seed: int = 0, max_positions: int = 64):
+    """A 2-layer Llama over the byte tokenizer's 257 ids, tied embeddings (as SmolLM2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=257, max_position_embeddings=max_positions, bos_token_id=256, eos_token_id=256, pad_token_id=256,
+        tie_word_embeddings=True,  # as SmolLM2: checkpoints must handle the shared tensor
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def write_corpus(path, lines: int = 120, seed: int = 0):
+    """Six-word sentences from WORDS, one per line."""
+    import random
+
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(6)) + "." for _ in range(lines)) + "\n")
+    return path
+
+
+def tiny_recipe(tmp_path, out="run", *extra):
+    """Two short stages (4 steps each) of a Lizard conversion of :func:`tiny_teacher` on a corpus."""
+    from linearize.recipe import load_recipe
+
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        write_corpus(corpus)
+    return load_recipe(None, [
+        "model=tiny", "conversion.mixer=lizard", "conversion.window=4",
+        f"data.source={corpus}", "data.seq_len=16", "data.validation_samples=8",
+        "stages=[attention_transfer, lora]",
+        "attention_transfer.lr=1e-2", "attention_transfer.max_steps=4", "attention_transfer.schedule=constant",
+        "lora.lr=1e-2", "lora.max_steps=4", "lora.kl_weight=0.5", "lora.schedule=constant",
+        "train.batch_size=4", "train.eval_batches=2", "train.log_every=2",
+        f"output_dir={tmp_path / out}", *extra,
+    ])
