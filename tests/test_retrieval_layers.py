@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles import streaming_allowed, streaming_attention
 from tiny_models import VOCAB, tiny_model
 
 from benchmarks import retrieval_layers as rl
@@ -33,6 +34,19 @@ def test_streaming_attention_is_exact_with_a_covering_window_and_undone_on_exit(
     # the first window + sinks positions see everything either way; later ones lose context
     torch.testing.assert_close(narrow[:, :4], full[:, :4], rtol=1e-5, atol=1e-5)
     assert (narrow[:, 8:] - full[:, 8:]).abs().max() > 1e-3
+
+
+def test_streaming_attention_matches_the_tests_oracle(model):
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with rl.streaming_attention(model, keep=[1], window=4, sinks=3):
+            probe = model(ids).logits
+        with streaming_attention(model, keep=[1], window=4, sinks=3):
+            oracle = model(ids).logits
+    torch.testing.assert_close(probe, oracle, rtol=0, atol=0)
+    for T, window, sinks in ((8, 3, 1), (12, 5, 0), (6, 8, 2)):
+        assert torch.equal(rl.streaming_mask(T, window, sinks, dtype=torch.float32)[0, 0] == 0,
+                           streaming_allowed(T, window, sinks))
 
 
 def test_streaming_mask_allows_window_and_sinks_only():
