@@ -37,14 +37,21 @@ def _number(kind: type, low: float | None = None, high: float | None = None, abo
     return parse
 
 
-def _layer_list(text: str) -> list[int]:
-    """``--keep-softmax 0,6,-1``: comma-separated layer indices (negative ones count from the end)."""
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be comma-separated layer indices (integers), e.g. 0,6,12, got {text!r}"
-        ) from None
+def _setting(name: str, kind: type):
+    """The argparse ``type`` of a numeric ``ConversionConfig`` field: ``config.check_setting``'s rule."""
+    from linearize.config import check_setting
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = text  # check_setting then says what the field accepts
+        try:
+            return check_setting(name, value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
 
 
 def _text(text: str) -> str:
@@ -57,7 +64,7 @@ _POSITIVE_INT = _number(int, low=1)
 _DTYPES = ("float32", "bfloat16", "float16")  # linearize.config.DTYPE_NAMES, checked in tests (no torch here)
 
 def add_convert(p: argparse.ArgumentParser) -> None:
-    from linearize.config import FEATURE_MAPS, GATES, LINEAR_SPANS, MIXERS, MIXES, NORMALIZERS, ConversionConfig
+    from linearize.config import conversion_arguments
 
     p.add_argument(
         "model", nargs="?", default=None,
@@ -65,32 +72,11 @@ def add_convert(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, help="output folder for the converted checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a folder this tool wrote before")
-    defaults = ConversionConfig.__dataclass_fields__
-    p.add_argument("--mixer", choices=MIXERS, default="liger", help="mixer for converted layers (default: liger)")
-    p.add_argument("--gate", choices=GATES, default=None, help="decay gate (default: the mixer's; liger: gla)")
-    p.add_argument("--tau", dest="gate_logit_normalizer", type=float, default=None,
-                   help="gate logit normalizer τ (default: 16 for liger)")
-    p.add_argument("--feature-map", choices=FEATURE_MAPS, default=None, help="feature map of the linear branch")
-    p.add_argument("--window", type=int, default=None, help="sliding window in tokens (liger 64, lizard 128)")
-    p.add_argument("--no-window", dest="use_window", action="store_false", default=None,
-                   help="drop the sliding-window branch (linear attention only)")
-    p.add_argument("--mix", choices=MIXES, default=None, help="fixed or learned per-head branch weights")
-    p.add_argument("--window-weight", type=float, default=None, help="weight of the window branch (liger 0.5)")
-    p.add_argument("--normalizer", choices=NORMALIZERS, default=None, help="denominator of the linear branch")
-    p.add_argument("--linear-span", choices=LINEAR_SPANS, default=defaults["linear_span"].default,
-                   help="tokens the linear branch covers: all, or beyond_window (LoLCATs' split, "
-                   "needs --normalizer shared; default %(default)s)")
-    p.add_argument("--sink-tokens", type=int, default=defaults["sink_tokens"].default,
-                   help="first tokens kept in the window's softmax for good (StreamingLLM; needs "
-                   "--linear-span beyond_window; default %(default)s)")
-    p.add_argument("--sinks", dest="num_sinks", type=int, default=None, help="learned sink logits per head")
-    p.add_argument("--keep-softmax", dest="keep_softmax_layers", type=_layer_list, default=[],
-                   help="comma-separated layer indices kept as softmax attention, e.g. 0,6,12")
+    for flag, kwargs in conversion_arguments():  # one per ConversionConfig field, dest = the field's name
+        if kwargs.get("type") in (int, float):  # range-checked while parsing: the error names the option
+            kwargs = {**kwargs, "type": _setting(kwargs["dest"], kwargs["type"])}
+        p.add_argument(flag, **kwargs)
     p.add_argument("--dtype", default="float32", choices=_DTYPES, help="dtype of the saved weights (default: float32)")
-
-
-_CONVERSION_FIELDS = ("mixer", "gate", "gate_logit_normalizer", "feature_map", "window", "use_window", "mix",
-                      "window_weight", "normalizer", "num_sinks", "linear_span", "sink_tokens", "keep_softmax_layers")
 
 
 def run_convert(args) -> None:
@@ -98,9 +84,9 @@ def run_convert(args) -> None:
 
     # Cheap checks before the teacher loads: the output folder, then every setting.
     check_output_dir(args.out, what="converted checkpoint", overwrite=args.overwrite, sources=[args.model])
-    from linearize.config import ConversionConfig
+    from linearize.config import SETTINGS, ConversionConfig
 
-    config = ConversionConfig(**{f: getattr(args, f) for f in _CONVERSION_FIELDS})
+    config = ConversionConfig(**{name: getattr(args, name) for name in SETTINGS})
     import linearize
 
     out = linearize.convert_to_folder(args.model, args.out, config, dtype=args.dtype, overwrite=args.overwrite)
