@@ -18,6 +18,7 @@ from .export import AUTO_MAP, write_remote_code
 from .mixers import iter_mixers
 from .modeling import MODEL_TYPE_PREFIX, base_model_type, linearized_classes, linearized_config
 from .outputs import atomic_folder, check_output_dir
+from .surgery import build_converted, snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +45,20 @@ def convert(model_or_source=None, config: ConversionConfig | None = None, **over
     check_conversion(model.config, config)  # every error before anything changes
     _, model_cls = linearized_classes(model_type)
     new_config = linearized_config(model.config, config)
-    new_config._attn_implementation = "sdpa"
     # The converted class is a subclass of the teacher's with the same parameters: re-class the
-    # instance and run the surgery, instead of building a second model and copying weights.
-    old_config = model.config
-    model.__class__ = model_cls
-    for module in model.modules():  # submodules keep a reference to the config they were built with
-        if getattr(module, "config", None) is old_config:
-            module.config = new_config
-    from .surgery import apply_conversion
-
-    apply_conversion(model, config, model_type)
+    # instance and build its mixers, instead of building a second model and copying weights. All or
+    # nothing: on any error the model is put back as it was, so the caller can retry.
+    restore = snapshot(model, model_type)
+    try:
+        old_config = model.config
+        model.__class__ = model_cls
+        for module in model.modules():  # submodules keep a reference to the config they were built with
+            if getattr(module, "config", None) is old_config:
+                module.config = new_config
+        build_converted(model, model_type)
+    except BaseException:
+        restore()
+        raise
     converted = sum(1 for _ in iter_mixers(model))
     logger.info("converted %d attention layers of %s to %s", converted, model_type, config.mixer)
     return model

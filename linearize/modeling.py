@@ -1,8 +1,9 @@
 """Config and model classes of converted checkpoints, built from the teacher's own classes.
 
 A converted Llama is a ``LinearizeLlamaForCausalLM``: a subclass of ``LlamaForCausalLM`` whose
-``__init__`` applies the conversion stored in ``config.linearize``. Parameter names, tied weights
-and generation stay the teacher's; only the attention modules differ. The config's model type is
+``__init__`` builds the conversion stored in ``config.linearize`` (``surgery.build_converted``, the
+same step ``convert()`` runs on a teacher). Parameter names, tied weights and generation stay the
+teacher's; only the attention modules differ. The config's model type is
 ``linearize_<base>`` so ``AutoModelForCausalLM`` picks the converted class, never silently the
 teacher's.
 """
@@ -15,7 +16,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from .config import ConversionConfig
-from .surgery import apply_conversion
+from .surgery import build_converted
 
 MODEL_TYPE_PREFIX = "linearize_"
 
@@ -47,21 +48,13 @@ def linearized_classes(base_type: str) -> tuple[type[PreTrainedConfig], type[Pre
 
     def __init__(self, config):
         base_model_cls.__init__(self, config)
-        settings = getattr(config, "linearize", None)
-        if settings is None:
-            raise ValueError(f"a {model_type} config needs its `linearize` conversion settings")
-        apply_conversion(self, ConversionConfig.from_dict(settings), base_type)
-        self.post_init_conversion()
-
-    def post_init_conversion(self):
-        # Softmax layers read the mask transformers builds for SDPA; converted layers ignore it.
-        self.config._attn_implementation = "sdpa"
+        build_converted(self, base_type)
 
     model_cls = type(
         f"Linearize{base_model_cls.__name__}",
         (base_model_cls,),
-        {"config_class": config_cls, "__init__": __init__, "post_init_conversion": post_init_conversion,
-         "__module__": __name__, "__doc__": f"{base_model_cls.__name__} with linearized attention."},
+        {"config_class": config_cls, "__init__": __init__, "__module__": __name__,
+         "__doc__": f"{base_model_cls.__name__} with linearized attention."},
     )
     return config_cls, model_cls
 
