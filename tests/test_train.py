@@ -12,6 +12,7 @@ from tiny_models import tiny_recipe, tiny_teacher
 from tiny_tokenizer import byte_tokenizer
 from transformers import AutoModelForCausalLM
 
+from linearize.config import ConversionConfig
 from linearize.outputs import write_marker
 from linearize.train import CONVERSION_PARAMS_FILE, SUMMARY_FILE, ResumeError, finetune
 
@@ -40,9 +41,16 @@ def test_two_stages_train_and_merged_checkpoint_reloads(tmp_path):
     assert (result.model_dir / SUMMARY_FILE).is_file()
 
     # Invariant 5: the saved merged checkpoint == the teacher, converted, + trained conversion
-    # parameters + the saved adapter, unmerged.
+    # parameters + the saved adapter, unmerged -- loaded with plain peft as the adapter's README says.
     reloaded = AutoModelForCausalLM.from_pretrained(result.model_dir).eval()
-    unmerged = linearize.convert(tiny_teacher(), recipe.conversion)
+    adapter_config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == recipe.model == "tiny"  # not a site-packages path
+    readme = (result.adapter_dir / "README.md").read_text()
+    assert "linearize.convert('tiny', conversion)" in readme and "PeftModel.from_pretrained(base" in readme
+    assert CONVERSION_PARAMS_FILE in readme and "../model/" in readme
+    conversion = ConversionConfig.from_dict(json.loads((result.adapter_dir / "linearize_conversion.json").read_text()))
+    assert conversion == recipe.conversion
+    unmerged = linearize.convert(tiny_teacher(), conversion)
     trained = load_file(str(result.adapter_dir / CONVERSION_PARAMS_FILE))
     assert trained, "the adapter folder keeps the trained conversion parameters"
     missing, unexpected = unmerged.load_state_dict(trained, strict=False)
