@@ -1,0 +1,207 @@
+"""The CLI's error boundary: every expected failure is one line `linearize VERB: error: ...` and exit 2,
+a traceback only under --debug; a bug keeps its traceback and asks to be reported (exit 1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import importlib.util
+import os
+import time
+
+import pytest
+
+import linearize
+from linearize import cli
+from linearize.cli import verbs
+from tiny_models import VOCAB, tiny_model
+from tiny_tokenizer import word_tokenizer
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    """Exit code and stderr of ``linearize *argv`` in this process."""
+    capsys.readouterr()  # drop what fixtures wrote
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit_:  # argparse: --help, --version and argument errors
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    """The one line an expected failure prints, last (logging goes through pytest's handler, not stderr;
+    transformers' own progress bars may come before it)."""
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.startswith("linearize ")]
+    assert len(lines) == 1 and err.strip().endswith(lines[0]), err
+    return lines[0]
+
+
+@pytest.fixture
+def teacher_dir(tmp_path):
+    folder = tmp_path / "teacher"
+    tiny_model("llama").save_pretrained(folder)
+    word_tokenizer(VOCAB).save_pretrained(folder)
+    return folder
+
+
+# --- argument errors: one line naming the option, before anything loads ---------------------------
+
+SEE_GENERATE = " (see `linearize generate --help`)"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-beams", "0"], "argument --num-beams: must be an integer >= 1, got '0'"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got '0'"),
+    (["--max-new-tokens", "-3"], "argument --max-new-tokens: must be an integer >= 1, got '-3'"),
+    (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got '-1'"),
+    (["--temperature", "nan"], "argument --temperature: must be a finite number >= 0, got 'nan'"),
+    (["--top-p", "0"], "argument --top-p: must be a finite number above 0 up to 1, got '0'"),
+    (["--top-p", "1.5"], "argument --top-p: must be a finite number above 0 up to 1, got '1.5'"),
+])
+def test_generate_option_out_of_range(capsys, argv, message):
+    code, err = run(capsys, "generate", "somewhere", "--prompt", "hi", *argv)
+    assert (code, err) == (2, f"linearize generate: error: {message}{SEE_GENERATE}\n")
+
+
+@pytest.mark.parametrize("prompt", ["", "  \n"])
+def test_empty_prompt(capsys, prompt):
+    code, err = run(capsys, "generate", "somewhere", "--prompt", prompt)
+    assert (code, err) == (2, "linearize generate: error: argument --prompt: is empty: give the text to continue, "
+                              f"e.g. --prompt 'The capital of France is'{SEE_GENERATE}\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--keep-softmax", "1.5"], "argument --keep-softmax: keep_softmax_layers='1.5': must be comma-separated "
+                                "layer indices (integers), e.g. 0,6,-1"),
+    (["--window", "0"], "argument --window: window=0: must be an integer from 1 to 1048576 tokens"),
+    (["--tau", "nan"], "argument --tau: gate_logit_normalizer=nan: must be a finite number > 0.0"),
+    (["--window-weight", "5"], "argument --window-weight: window_weight=5.0: must be a finite number from 0.0 to 1.0"),
+])
+def test_convert_option_out_of_range(capsys, tmp_path, argv, message):
+    code, err = run(capsys, "convert", "nobody/never-loaded", "--out", str(tmp_path / "x"), *argv)
+    assert (code, err) == (2, f"linearize convert: error: {message} (see `linearize convert --help`)\n")
+
+
+# --- cheap checks first: --out before any model is resolved or loaded ------------------------------
+
+
+def test_convert_checks_out_before_the_model(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(linearize, "convert_to_folder", lambda *a, **k: pytest.fail("the model was loaded"))
+    start = time.perf_counter()
+    code, err = run(capsys, "convert", "nobody/does-not-exist", "--out", "")
+    assert time.perf_counter() - start < 5
+    assert (code, one_error_line(err)) == (
+        2, "linearize convert: error: --out is empty: name a new folder for the converted checkpoint, e.g. --out out/model")
+
+
+def test_convert_refuses_its_own_folder_without_overwrite(capsys, teacher_dir, tmp_path):
+    out = tmp_path / "converted"
+    assert run(capsys, "convert", str(teacher_dir), "--out", str(out), "--window", "4")[0] == 0
+    code, err = run(capsys, "convert", str(teacher_dir), "--out", str(out), "--window", "4")
+    assert (code, one_error_line(err)) == (
+        2, f"linearize convert: error: --out {out} already holds a converted model: pass --overwrite to "
+        "replace it, or choose another --out")
+    assert run(capsys, "convert", str(teacher_dir), "--out", str(out), "--window", "8", "--overwrite")[0] == 0
+    assert '"window": 8' in (out / "config.json").read_text()
+
+
+# --- the boundary itself ---------------------------------------------------------------------------
+
+
+def test_full_disk_is_one_line_with_the_path(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "model.safetensors"))
+
+    monkeypatch.setattr(linearize, "convert_to_folder", full_disk)
+    code, err = run(capsys, "convert", "--out", str(out))
+    assert (code, one_error_line(err)) == (
+        2, f"linearize convert: error: no space left on device: {out / 'model.safetensors'} "
+        "(free some space or write to another disk)")
+
+
+def test_debug_adds_the_traceback(capsys, tmp_path):
+    code, err = run(capsys, "convert", "--out", "", "--debug")
+    assert code == 2 and "Traceback" in err and "OutputError" in err
+    assert err.strip().splitlines()[-1].startswith("linearize convert: error: --out is empty")
+    code, err = run(capsys, "--debug", "convert", "--out", "")  # before the verb too
+    assert code == 2 and "Traceback" in err
+
+
+def test_a_bug_keeps_its_traceback_and_asks_for_a_report(capsys, monkeypatch):
+    def bug(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(linearize, "convert_to_folder", bug)
+    code, err = run(capsys, "convert", "--out", "somewhere-new")
+    assert code == 1 and "Traceback" in err
+    assert err.strip().splitlines()[-1] == (
+        "linearize convert: internal error: RuntimeError: boom. This is a bug: please report it with the command "
+        "you ran and the traceback above.")
+
+
+@pytest.mark.parametrize("verb, extra, module", [("bench", "bench", "matplotlib"), ("eval", "eval", "lm_eval")])
+def test_missing_extra_fails_at_once_with_the_pip_command(capsys, monkeypatch, verb, extra, module):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    code, err = run(capsys, verb, "some-dir")
+    assert (code, one_error_line(err)) == (
+        2, f"linearize {verb}: error: the optional package {module!r} is not installed: "
+        f"pip install 'linearize[{extra}]'")
+
+
+def test_missing_extra_met_deep_inside_a_verb(capsys, monkeypatch):
+    def no_lm_eval(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'lm_eval'", name="lm_eval")
+
+    monkeypatch.setitem(cli.VERBS, "eval", dataclasses.replace(cli.VERBS["eval"], run=no_lm_eval))
+    code, err = run(capsys, "eval", "d")
+    assert (code, one_error_line(err)) == (
+        2, "linearize eval: error: the optional package 'lm_eval' is not installed: pip install 'linearize[eval]'")
+
+
+# --- generate ----------------------------------------------------------------------------------------
+
+
+def test_chat_without_a_chat_template(capsys, teacher_dir):
+    code, err = run(capsys, "generate", str(teacher_dir), "--prompt", "w4 w5", "--chat")
+    assert (code, one_error_line(err)) == (
+        2, "linearize generate: error: this tokenizer has no chat template: drop --chat")
+
+
+def test_generation_that_ends_at_once_gets_a_hint(capsys, caplog, monkeypatch):
+    monkeypatch.setattr(linearize, "generate_stream", lambda *a, **k: iter(["", " \n"]))
+    code, err = run(capsys, "generate", "m", "--prompt", "hi", "--chat")
+    assert code == 0
+    assert ("the model ended its turn at once; an untrained conversion often does: finetune it first "
+            "(linearize finetune) or drop --chat") in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(linearize, "generate_stream", lambda *a, **k: iter(["Paris."]))
+    assert run(capsys, "generate", "m", "--prompt", "hi", "--chat")[0] == 0
+    assert "at once" not in caplog.text
+
+
+# --- dispatch, help, version ---------------------------------------------------------------------------
+
+
+def test_each_verb_runs_its_own_function():
+    parser = cli.build_parser()
+    for name, verb in cli.VERBS.items():
+        argv = {"convert": ["--out", "x"], "generate": ["--prompt", "p"], "push": ["d", "u/n"],
+                "finetune": ["r.yaml"]}.get(name, ["d"])
+        assert parser.parse_args([name, *argv]).run is verb.run is getattr(verbs, f"run_{name}")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"linearize {linearize.__version__}"
+
+
+def test_dtype_choices_are_the_one_table():
+    from linearize.config import DTYPE_NAMES
+
+    assert verbs._DTYPES == DTYPE_NAMES
