@@ -119,3 +119,25 @@ def test_bad_input_fails_early_with_clear_errors(tmp_path):
     write_marker(tmp_path / "h", "finetune-run")
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
         finetune(tiny_recipe(tmp_path, "h"), model=tiny_teacher(), tokenizer=tok)
+
+
+def test_fsdp_rebuild_uses_the_given_models_class_and_config():
+    """After FSDP training the main process rebuilds the peft model from the gathered state: from the
+    converted model it was given (class + config), never by reloading ``recipe.model``."""
+    from peft import get_peft_model
+
+    import linearize
+    from linearize.recipe import LoraConfig
+    from linearize.train.lora import peft_config, rebuild_peft_model
+
+    model = linearize.convert(tiny_teacher(), linearize.ConversionConfig(mixer="lizard", window=4))
+    cfg = LoraConfig(r=4)
+    peft_model = get_peft_model(model, peft_config(cfg))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # a non-zero update, so the LoRA weights matter
+    rebuilt = rebuild_peft_model(type(model), model.config, torch.float32, cfg, peft_model.state_dict())
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(input_ids=ids).logits, peft_model(input_ids=ids).logits)
