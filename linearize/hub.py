@@ -12,8 +12,10 @@ report) and sections for usage, conversion settings, training summary and the re
 Subfolders (``eval/``, checkpoints) are not uploaded, except the report chart, staged as
 ``recovery.png`` when ``eval/report.png`` exists.
 
-The card reads the recovery report's JSON (``eval_report.json``, written by ``linearize eval``);
-this module does not import ``linearize/evals/``.
+The card reads the recovery report's JSON (``eval_report.json``, written by ``linearize eval``); the
+file names come from ``linearize.checkpoint_files``, so this module does not import ``linearize/evals/``.
+The weights are verified (safetensors headers against file sizes, index shards, config.json)
+before anything is staged.
 """
 
 from __future__ import annotations
@@ -26,18 +28,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .checkpoint_files import (
+    CONFIG_FILE, EVAL_CHART, EVAL_REPORT, TRAINING_SUMMARY, WEIGHT_SUFFIX, WEIGHTS_INDEX, verify_checkpoint_files,
+)
 from .errors import LinearizeError
+from .outputs import atomic_folder, check_output_dir
 
 logger = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
-# Written into the checkpoint by `linearize eval` (evals.report.CHECKPOINT_REPORT).
-EVAL_REPORT = "eval_report.json"
-EVAL_CHART = Path("eval") / "report.png"
 CHART_FILE = "recovery.png"
-# Written into the checkpoint by `linearize finetune` (linearize.train.SUMMARY_FILE).
-TRAINING_SUMMARY = "training_summary.json"
-WEIGHT_SUFFIXES = (".safetensors",)
+DRY_RUN_KIND = "push-dry-run"  # marker kind of a --dry-run folder (linearize.outputs)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Offline packaged sources (linearize.sources.PACKAGED_MODELS) -> the hub repos they were made from.
 PACKAGED_BASE_MODELS = {
@@ -148,7 +149,7 @@ def build_card(checkpoint: str | Path, repo_id: str, base_model: str | None = No
     from huggingface_hub import ModelCard, ModelCardData
 
     checkpoint = Path(checkpoint)
-    config = _read_json(checkpoint / "config.json") or {}
+    config = _read_json(checkpoint / CONFIG_FILE) or {}
     conversion = config.get("linearize") or {}
     report = _read_json(checkpoint / EVAL_REPORT)
     summary = _read_json(checkpoint / TRAINING_SUMMARY)
@@ -222,7 +223,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def stage_folder(checkpoint: str | Path, out: str | Path, repo_id: str, base_model: str | None = None) -> Path:
     """Write the folder that ``push`` uploads into ``out`` (which must be missing or empty)."""
     checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").is_file():
+    if not (checkpoint / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (no config.json)")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -250,7 +251,7 @@ def validate_folder(folder: str | Path, load_config: bool = True) -> None:
 
     folder = Path(folder)
     problems: list[str] = []
-    config = _read_json(folder / "config.json")
+    config = _read_json(folder / CONFIG_FILE)
     if config is None:
         problems.append("config.json is missing")
         config = {}
@@ -268,12 +269,12 @@ def validate_folder(folder: str | Path, load_config: bool = True) -> None:
             name = (a or b).split(".")[0]
             if name.startswith("linearize_") and name not in py_files:
                 problems.append(f"{py.name} imports {name} but {name}.py is missing")
-    index = _read_json(folder / "model.safetensors.index.json")
+    index = _read_json(folder / WEIGHTS_INDEX)
     if index is not None:
         for shard in sorted(set(index.get("weight_map", {}).values())):
             if not (folder / shard).is_file():
                 problems.append(f"weight shard {shard} (from the index) is missing")
-    elif not any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
+    elif not any(p.suffix == WEIGHT_SUFFIX for p in folder.iterdir()):
         problems.append("no .safetensors weights")
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         problems.append(f"no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
@@ -340,10 +341,14 @@ def push(
     token: str | None = None,
     endpoint: str | None = None,
     commit_message: str | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Upload ``checkpoint`` to ``repo_id`` (or, with ``dry_run``, write the staged folder there).
 
-    Returns the commit URL, or the dry-run folder. Everything is validated before any network call.
+    Returns the commit URL, or the dry-run folder. Everything is validated before any network call:
+    first the weights on disk (:func:`linearize.checkpoint_files.verify_checkpoint_files`) and the
+    dry-run folder (the output policy of ``linearize.outputs``: new, empty, or an earlier dry run of
+    ours replaced only with ``overwrite``), then the staged folder (:func:`validate_folder`).
     """
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -355,8 +360,12 @@ def push(
     if "/" not in repo_id:
         raise ValueError(f"repo id {repo_id!r} needs a namespace: 'user/name' or 'org/name'")
     if dry_run is not None:
-        out = stage_folder(checkpoint, dry_run, repo_id, base_model)
-        validate_folder(out)
+        out = check_output_dir(dry_run, what="dry-run folder", overwrite=overwrite, sources=[checkpoint],
+                               flag="--dry-run")
+    verify_checkpoint_files(checkpoint)
+    if dry_run is not None:
+        with atomic_folder(out, kind=DRY_RUN_KIND, overwrite=overwrite) as tmp:
+            validate_folder(stage_folder(checkpoint, tmp, repo_id, base_model))
         logger.info("dry run: the folder that would be uploaded to %s is %s", repo_id, out)
         return str(out)
     with tempfile.TemporaryDirectory(prefix="linearize-push-") as tmp:

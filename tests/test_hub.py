@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -14,7 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import linearize
 from conftest import assert_close_rms
-from linearize.errors import LinearizeError
+from linearize.checkpoint_files import CheckpointError
+from linearize.errors import LinearizeError, OutputError
+from linearize.outputs import MARKER
 from linearize.hub import EVAL_REPORT, TRAINING_SUMMARY, HubError, push, stage_folder, validate_folder
 from tiny_tokenizer import byte_tokenizer
 
@@ -108,12 +111,48 @@ def test_validation_names_what_is_missing(dry_run, tmp_path):
     assert "modeling_linearize.py is missing" in msg and "no .safetensors" in msg and "YAML" in msg
 
 
-def test_dry_run_refuses_a_non_empty_folder_and_bad_repo_ids(checkpoint, dry_run):
+def test_dry_run_folder_follows_the_output_policy(checkpoint, dry_run, tmp_path):
     folder, _ = checkpoint
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(OutputError, match="already holds a push dry run: pass --overwrite"):
         push(folder, "someone/tiny-linear", dry_run=dry_run)
+    again = tmp_path / "again"
+    push(folder, "someone/tiny-linear", dry_run=again)
+    (again / "stale.txt").write_text("from an earlier dry run")
+    assert push(folder, "someone/tiny-linear", dry_run=again, overwrite=True) == str(again)
+    assert not (again / "stale.txt").exists() and (again / "README.md").is_file()
+    assert oct((again / "README.md").stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="did not write"):
+        push(folder, "someone/tiny-linear", dry_run=foreign, overwrite=True)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(OutputError, match="existing file"):
+        push(folder, "someone/tiny-linear", dry_run=a_file)
+    with pytest.raises(OutputError, match="overlaps"):
+        push(folder, "someone/tiny-linear", dry_run=folder / "upload")
     with pytest.raises(ValueError, match="namespace"):
         push(folder, "tiny-linear", dry_run=dry_run.parent / "x")
+
+
+def test_truncated_weights_are_refused_before_anything(checkpoint, tmp_path, capsys):
+    from linearize import cli
+
+    folder, _ = checkpoint
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    weights = broken / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    out = tmp_path / "dry"
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated"):
+        push(broken, "someone/tiny-linear", dry_run=out)
+    assert cli.main(["push", str(broken), "someone/tiny-linear", "--dry-run", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("linearize push: error: ")
+    assert "model.safetensors is truncated" in err and "re-run `linearize convert`" in err
+    assert not out.exists() and not any(p.name.startswith(".dry") for p in tmp_path.iterdir())
 
 
 class _RecordingApi:
@@ -151,7 +190,8 @@ def test_push_uploads_the_validated_folder_in_one_call(checkpoint, dry_run, monk
     assert names == ["init", "whoami", "create_repo", "create_branch", "upload_folder"]
     assert _RecordingApi.calls[2][2]["private"] is True
     (_, uploaded, revision) = _RecordingApi.calls[-1]
-    assert revision == "v1" and uploaded == sorted(os.listdir(dry_run))  # exactly the dry-run folder
+    # exactly the dry-run folder, less the marker that says linearize wrote it
+    assert revision == "v1" and uploaded == sorted(set(os.listdir(dry_run)) - {MARKER})
 
 
 def test_push_without_token_or_hub_uploads_nothing(checkpoint, monkeypatch, tmp_path):
