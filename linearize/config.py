@@ -166,7 +166,8 @@ class ConversionConfig:
     gate: str | None = None
     """Decay gate: ``gla``, ``hgrn2``, ``mamba2``, ``rwkv6`` or ``scalar`` come from the key itself (no
     new parameters), ``learned`` is Lizard's. ``gla``: log α = logsigmoid(k)/τ per key dimension;
-    ``hgrn2`` the same gate with key' = 1 − α; ``mamba2`` log α = −softplus(k)/τ; ``rwkv6`` log α = −exp(k)/τ; ``scalar`` k pooled over the head dimension first. ``learned``:
+    ``hgrn2`` the same gate with key' = 1 − α (per feature: with Hedgehog's 2D features the gate, as
+    every per-dimension gate, repeats over both halves, and so does key'); ``mamba2`` log α = −softplus(k)/τ; ``rwkv6`` log α = −exp(k)/τ; ``scalar`` k pooled over the head dimension first. ``learned``:
     Lizard's γ = σ(W_γ x), a scalar per token and key/value head."""
     gate_logit_normalizer: float | None = None
     """τ, divides the gate's log decay (Liger: 16). Larger τ means slower forgetting."""

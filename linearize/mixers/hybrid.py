@@ -138,13 +138,13 @@ class HybridAttention(nn.Module):
             fq, fk = self.feature_map_q(q), self.feature_map_k(k)  # [B, T, H|Hkv, 2D]
         else:
             fq, fk = q.softmax(dim=-1), k.softmax(dim=-1)  # [B, T, H|Hkv, D]
-        if cfg.gate == "hgrn2":
-            fk = (1 - log_g.exp()).to(fk.dtype)  # HGRN2: the key is the complement of the forget gate
         F_dim = fk.shape[-1]
         if log_g.shape[-1] == 1:
             log_g = log_g.expand(-1, -1, -1, F_dim)
         elif log_g.shape[-1] != F_dim:
             log_g = log_g.repeat(1, 1, 1, F_dim // log_g.shape[-1])  # hedgehog doubles the features
+        if cfg.gate == "hgrn2":  # HGRN2: the key is the complement of the forget gate, feature by feature
+            fk = (1 - log_g.exp()).to(fk.dtype)  # [B, T, Hkv, F]
         keep = valid[:, :, None, None]
         fk = fk * keep.to(fk.dtype)  # padding adds nothing ...
         log_g = log_g * keep  # ... and does not decay the state
