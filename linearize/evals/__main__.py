@@ -31,15 +31,41 @@ def _prepare(argv: list[str]) -> None:
     print(out)
 
 
-def main() -> None:
-    if sys.argv[1:2] == ["prepare-tasks"]:
-        _prepare(sys.argv[2:])
-        return
-    from . import lm_model  # noqa: F401  (registers --model linearize)
-    from lm_eval.__main__ import cli_evaluate
+def _device_arg(argv: list[str]) -> str | None:
+    """The value of lm-eval's ``--device`` in ``argv`` (None when not given)."""
+    for i, arg in enumerate(argv):
+        if arg == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--device="):
+            return arg.partition("=")[2]
+    return None
 
-    sys.argv[0] = "python -m linearize.evals"
-    cli_evaluate()
+
+def main() -> None:
+    """Expected failures (a missing package, a device this machine lacks, a bad source or task
+    name) end as one line ``python -m linearize.evals: error: ...`` and exit status 2, as
+    ``linearize`` verbs do. ``--device`` is checked before lm-eval indexes its tasks (minutes)."""
+    from linearize.environment import check_device
+    from linearize.errors import LinearizeError
+
+    from .runner import require_eval_dependencies
+
+    try:
+        require_eval_dependencies("python -m linearize.evals")
+        if sys.argv[1:2] == ["prepare-tasks"]:
+            _prepare(sys.argv[2:])
+            return
+        device = _device_arg(sys.argv[1:])
+        if device is not None:
+            check_device(device)
+        from . import lm_model  # noqa: F401  (registers --model linearize)
+        from lm_eval.__main__ import cli_evaluate
+
+        sys.argv[0] = "python -m linearize.evals"
+        cli_evaluate()
+    except (LinearizeError, ValueError) as err:  # lm-eval raises ValueError for unknown tasks, bad arguments
+        print(f"python -m linearize.evals: error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

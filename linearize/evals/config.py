@@ -76,3 +76,27 @@ class OfflineTaskConfig:
         d["passkey_lengths"] = list(self.passkey_lengths)
         d["passkey_depths"] = list(self.passkey_depths)
         return d
+
+
+# A quick look (`--limit`) bounds the work per task, not only the documents: whole Wikipedia articles
+# (up to ~40K tokens each) and 8K-token passkeys made `--limit 2` take over 10 minutes on CPU. With a
+# limit on a task (and the field not set explicitly) these sizes apply: articles cut to ~500 tokens,
+# passkeys of the shortest length of the default range only.
+QUICK_LOOK = {"wiki_max_chars": 2000, "passkey_lengths": (1024,)}
+_QUICK_TASKS = {"wiki_max_chars": WIKI, "passkey_lengths": PASSKEY}
+
+
+def _has_limit(limit, task: str) -> bool:
+    if isinstance(limit, dict):
+        return task in limit or "*" in limit
+    return limit is not None
+
+
+def task_config_for(limit=None, **fields) -> OfflineTaskConfig:
+    """The offline task settings for a run with ``limit`` (see ``runner.parse_limit``): defaults, or
+    for the tasks with a limit the :data:`QUICK_LOOK` sizes; ``fields`` that are not None win."""
+    chosen = {k: v for k, v in fields.items() if v is not None}
+    for key, value in QUICK_LOOK.items():
+        if key not in chosen and _has_limit(limit, _QUICK_TASKS[key]):
+            chosen[key] = value
+    return OfflineTaskConfig(**chosen)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from pathlib import Path
 
@@ -188,3 +189,38 @@ def prepare_tasks(out_dir: str | Path, tokenizer=None, config: OfflineTaskConfig
                 "tokenizer": getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return out
+
+
+def point_stubs_to(folder: str | Path, final: str | Path) -> None:
+    """Rewrite the stubs of a task folder built at ``folder`` so that their data files point into
+    ``final`` (where the folder is about to be moved, e.g. by ``linearize.outputs.atomic_folder``)."""
+    folder, final = Path(folder), Path(final).resolve()
+    for stub_file in sorted(folder.glob("*.yaml")):
+        lines = stub_file.read_text(encoding="utf-8").splitlines(keepends=True)
+        header = "".join(line for line in lines if line.startswith("#"))
+        stub = yaml.safe_load("".join(lines))
+        stub["dataset_kwargs"]["data_files"]["test"] = str(final / "data" / f"{stub['task']}.jsonl")
+        stub_file.write_text(header + yaml.safe_dump(stub, sort_keys=False), encoding="utf-8")
+
+
+# Rough tokens of one document per offline task without a token count of its own (for progress ETAs).
+_CHARS_PER_TOKEN = 4
+_CAPITAL_TOKENS = 60  # 4 choices of a ~15-token question
+
+
+def estimated_tokens(folder: str | Path, task: str, limit: int | float | None) -> int:
+    """Tokens the model reads for ``task`` under ``limit`` (documents: lm-eval's first N), estimated
+    from the task data in ``folder`` (written by :func:`prepare_tasks`); weights a progress bar."""
+    with open(Path(folder) / "data" / f"{task}.jsonl", encoding="utf-8") as fh:
+        docs = [json.loads(line) for line in fh if line.strip()]
+    if limit is not None:
+        docs = docs[: int(limit) if limit >= 1 else math.ceil(limit * len(docs))]
+    total = 0
+    for doc in docs:
+        if "n_tokens" in doc:
+            total += int(doc["n_tokens"])
+        elif task == CAPITALS:
+            total += _CAPITAL_TOKENS
+        else:
+            total += len(doc.get("text", "")) // _CHARS_PER_TOKEN
+    return max(total, 1)

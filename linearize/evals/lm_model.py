@@ -19,23 +19,26 @@ import lm_eval.models  # noqa: F401  (registers lm-eval's own models first: the 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-DTYPES = ("float32", "bfloat16", "float16")
+from linearize.config import DTYPE_NAMES, torch_dtype
+from linearize.environment import check_device, default_device
 
 
 @register_model("linearize")
 class LinearizeLM(HFLM):
-    """lm-eval's ``HFLM`` around a model loaded by ``linearize.sources.load_model``."""
+    """lm-eval's ``HFLM`` around a model loaded by ``linearize.sources.load_model``.
 
-    def __init__(self, pretrained: str | None = None, dtype: str = "float32", device: str | None = "cpu",
+    ``device``: lm-eval's ``--device`` (default: cuda when torch sees one, else cpu); a CUDA device
+    on a machine without one is a one-line :class:`linearize.environment.DeviceError`.
+    """
+
+    def __init__(self, pretrained: str | None = None, dtype: str = "float32", device: str | None = None,
                  tokenizer=None, **kwargs) -> None:
-        import torch
-
         from linearize.sources import load_model, load_tokenizer
 
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
-        device = device or "cpu"
-        model = load_model(pretrained, dtype=getattr(torch, dtype), device=device)
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
+        device = check_device(device or default_device())
+        model = load_model(pretrained, dtype=torch_dtype(dtype), device=device)
         tokenizer = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else load_tokenizer(
             tokenizer or pretrained)
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)

@@ -12,7 +12,12 @@ The average row holds the mean teacher and student score over the higher-is-bett
 Every metric lm-eval reported is kept in the JSON under ``metrics``.
 
 The JSON schema (``schema: linearize-eval-report/1``) is what ``linearize.hub`` reads to write the
-model card; it must not import this module, so keep the field names stable.
+model card; the schema id and the file names live in ``linearize.checkpoint_files``, imported by both
+sides, so keep the field names stable.
+
+The report folder goes through the output policy of ``linearize.outputs`` (:func:`check_report_dir`
+up front, then an atomic folder marked ``eval-report``): a new or empty folder, or an earlier report
+of ours, which a new run replaces; anything else is refused.
 """
 
 from __future__ import annotations
@@ -20,15 +25,22 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
+
+from linearize.checkpoint_files import (
+    EVAL_FOLDER, EVAL_REPORT, EVAL_REPORT_KIND, EVAL_REPORT_SCHEMA, REPORT_CHART, REPORT_JSON, REPORT_MARKDOWN,
+)
+from linearize.errors import OutputError
+from linearize.outputs import MARKER, atomic_folder, atomic_write_json, check_output_dir, write_marker, written_by_linearize
 
 from .runner import accuracy_stderr, higher_is_better, n_samples, primary_metric, task_metrics
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = "linearize-eval-report/1"
+SCHEMA = EVAL_REPORT_SCHEMA
 # File name of the report inside a checkpoint folder (read by `linearize push` for the model card).
-CHECKPOINT_REPORT = "eval_report.json"
+CHECKPOINT_REPORT = EVAL_REPORT
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -174,17 +186,66 @@ def save_chart(report: dict, path: str | Path) -> Path:
     return path
 
 
-def write_report(report: dict, out_dir: str | Path, checkpoint_dir: str | Path | None = None) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and ``report.png`` into ``out_dir``; with
-    ``checkpoint_dir`` also ``<checkpoint_dir>/eval_report.json`` (for the model card)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2, ensure_ascii=False)
-    paths = {"json": out / "report.json", "markdown": out / "report.md", "chart": out / "report.png"}
-    paths["json"].write_text(text + "\n", encoding="utf-8")
+def _is_earlier_report(folder: Path) -> bool:
+    """A report folder written before the output marker existed (its report.json has our schema)."""
+    try:
+        return json.loads((folder / REPORT_JSON).read_text(encoding="utf-8")).get("schema") == EVAL_REPORT_SCHEMA
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_report_dir(out_dir: str | os.PathLike | None, checkpoint: str | os.PathLike | None = None,
+                     sources=(), flag: str = "--out") -> Path:
+    """Where the report folder goes (default ``<checkpoint>/eval``), resolved; :class:`OutputError`
+    (one line) when it may not be written: an existing file, the checkpoint itself or a folder
+    holding it, one of ``sources`` (the teacher), a non-empty folder linearize did not write, or
+    one that holds something other than an eval report. An earlier report is replaced."""
+    if out_dir is None:
+        if checkpoint is None:
+            raise ValueError("give out_dir, or the checkpoint whose eval/ folder takes the report")
+        out_dir = Path(checkpoint) / EVAL_FOLDER
+    out = Path(out_dir).expanduser()
+    if checkpoint is not None and str(out_dir).strip():
+        ckpt = Path(checkpoint).resolve()
+        resolved = out.resolve()
+        if resolved == ckpt or ckpt.is_relative_to(resolved):
+            raise OutputError(f"{flag} {out_dir} is the checkpoint folder (or holds it): give the report a "
+                              f"folder of its own, e.g. {flag} {Path(checkpoint) / EVAL_FOLDER} (the default)")
+    if out.is_dir() and any(out.iterdir()):
+        kind = written_by_linearize(out)
+        if kind is None and not (out / MARKER).exists() and _is_earlier_report(out):
+            write_marker(out, EVAL_REPORT_KIND)  # adopt a report folder from before the marker existed
+            kind = EVAL_REPORT_KIND
+        if kind is not None and kind != EVAL_REPORT_KIND:
+            raise OutputError(f"{flag} {out_dir} holds a {kind.replace('-', ' ')}, not an eval report: "
+                              f"choose another {flag}")
+    return check_output_dir(out, what="eval report", sources=sources, allow_existing_ours=True, flag=flag)
+
+
+def write_report_files(report: dict, folder: str | Path) -> dict[str, Path]:
+    """``report.json``, ``report.md`` and ``report.png`` into ``folder`` (no output policy: the
+    folder is the temporary one of :func:`linearize.outputs.atomic_folder`)."""
+    folder = Path(folder)
+    paths = {"json": folder / REPORT_JSON, "markdown": folder / REPORT_MARKDOWN, "chart": folder / REPORT_CHART}
+    paths["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     paths["markdown"].write_text(render_markdown(report), encoding="utf-8")
     save_chart(report, paths["chart"])
+    return paths
+
+
+def write_checkpoint_report(report: dict, checkpoint_dir: str | Path) -> Path:
+    """``<checkpoint_dir>/eval_report.json`` (for the model card), written atomically."""
+    return atomic_write_json(Path(checkpoint_dir) / EVAL_REPORT, report)
+
+
+def write_report(report: dict, out_dir: str | Path, checkpoint_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and ``report.png`` into the report folder ``out_dir``
+    (through the output policy: see :func:`check_report_dir`); with ``checkpoint_dir`` also
+    ``<checkpoint_dir>/eval_report.json`` (for the model card)."""
+    out = check_report_dir(out_dir, checkpoint_dir)
+    with atomic_folder(out, kind=EVAL_REPORT_KIND, overwrite=True) as tmp:
+        names = {key: path.name for key, path in write_report_files(report, tmp).items()}
+    paths = {key: out / name for key, name in names.items()}
     if checkpoint_dir is not None:
-        paths["checkpoint"] = Path(checkpoint_dir) / CHECKPOINT_REPORT
-        paths["checkpoint"].write_text(text + "\n", encoding="utf-8")
+        paths["checkpoint"] = write_checkpoint_report(report, checkpoint_dir)
     return paths

@@ -12,10 +12,56 @@ import math
 import tempfile
 from pathlib import Path
 
+from typing import Callable
+
+from linearize.environment import hub_unavailable, require_extra
+
 from .config import METRIC_PREFERENCE, OFFLINE_TAG, OFFLINE_TASKS, PRIMARY_METRIC, OfflineTaskConfig
 from .data import prepare_tasks
 
 logger = logging.getLogger(__name__)
+
+# What `linearize eval` imports beyond the core install (the `eval` extra of pyproject.toml).
+EVAL_MODULES = {"lm_eval": "lm-eval", "matplotlib": "matplotlib", "gensim": "gensim"}
+OFFLINE_HINT = f"offline tasks are {', '.join(OFFLINE_TASKS)} (or {OFFLINE_TAG} for all four)"
+
+
+def require_eval_dependencies(what: str = "linearize eval") -> None:
+    """One line with the install command when lm-eval (or the report's matplotlib, the offline
+    tasks' gensim) is missing, before anything slow starts."""
+    require_extra("eval", EVAL_MODULES, what)
+
+
+class UnknownTaskError(ValueError):
+    """A task name neither offline nor known to lm-eval, or a standard task while the hub is unusable."""
+
+
+def check_tasks(tasks, manager=None) -> tuple[list[str], list[str]]:
+    """:func:`split_tasks`, then check every name before any model loads: offline names exist,
+    standard names are known to lm-eval (its task index: ~10 s, only when standard names are given)
+    and the hub their data comes from can be used. Raises :class:`UnknownTaskError` (one line).
+    ``manager``: an lm-eval ``TaskManager`` to reuse."""
+    offline, standard = split_tasks(tasks)
+    mistyped = [t for t in standard if t.startswith("linearize_")]
+    if mistyped:
+        raise UnknownTaskError(f"unknown task {', '.join(mistyped)}: {OFFLINE_HINT}")
+    if not standard:
+        return offline, standard
+    if manager is None:
+        from lm_eval.tasks import TaskManager
+
+        logger.info("checking task names against lm-eval's task index")
+        manager = TaskManager()
+    known = set(manager.all_tasks)
+    unknown = [t for t in standard if t not in known]
+    if unknown:
+        raise UnknownTaskError(f"unknown task {', '.join(unknown)}: not an lm-eval task; {OFFLINE_HINT}; "
+                               "standard tasks are lm-eval's names (piqa, arc_easy, hellaswag, mmlu, ...)")
+    reason = hub_unavailable()
+    if reason is not None:
+        raise UnknownTaskError(f"task {', '.join(standard)} downloads its data from the Hugging Face Hub, which is "
+                               f"{reason}: standard tasks need hub access; {OFFLINE_HINT}")
+    return offline, standard
 
 
 def split_tasks(tasks) -> tuple[list[str], list[str]]:
@@ -56,6 +102,7 @@ def evaluate(
     include_path: str | Path | None = None,
     lm=None,
     use_cache: str | Path | None = None,
+    on_task_done: Callable[[str], None] | None = None,
 ) -> dict:
     """Evaluate one model; returns lm-eval's results dict (``results``, ``n-samples``, ...).
 
@@ -69,6 +116,7 @@ def evaluate(
     wrappers).
     ``use_cache``: lm-eval's request cache (``CachingLM``: a sqlite file per rank at this path
     prefix). It keys on the requests only, so one path must hold one model's answers.
+    ``on_task_done(task)``: called after each task (tasks run one lm-eval call each), for progress.
     """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -83,21 +131,29 @@ def evaluate(
         # Indexing lm-eval's ~15K built-in task files takes ~10 s: skip it for offline-only runs.
         manager = TaskManager(include_path=include, include_defaults=bool(standard))
         merged: dict = {}
-        for group_limit, group in _limit_groups(offline + standard, limit):
-            results = simple_evaluate(
-                model=lm,
-                tasks=group,
-                num_fewshot=num_fewshot,
-                limit=group_limit,
-                task_manager=manager,
-                bootstrap_iters=0,  # stderr by bootstrap spawns worker pools; the report computes acc stderr
-                log_samples=False,
-                use_cache=None if use_cache is None else str(use_cache),
-            )
-            if results is None:  # lm-eval returns None on non-zero ranks of a distributed run
-                raise RuntimeError("lm-eval returned no results (not rank 0 of a distributed run?)")
-            _merge_results(merged, results)
+        for task_limit, group in _limit_groups(offline + standard, limit):
+            for task in group:
+                results = simple_evaluate(
+                    model=lm,
+                    tasks=[task],
+                    num_fewshot=num_fewshot,
+                    limit=task_limit,
+                    task_manager=manager,
+                    bootstrap_iters=0,  # stderr by bootstrap spawns worker pools; the report computes acc stderr
+                    log_samples=False,
+                    use_cache=None if use_cache is None else str(use_cache),
+                )
+                if results is None:  # lm-eval returns None on non-zero ranks of a distributed run
+                    raise RuntimeError("lm-eval returned no results (not rank 0 of a distributed run?)")
+                _merge_results(merged, results)
+                if on_task_done is not None:
+                    on_task_done(task)
     return merged
+
+
+def task_limit(limit, task: str):
+    """The documents limit of one task under ``limit`` (see :func:`parse_limit`)."""
+    return limit.get(task, limit.get("*")) if isinstance(limit, dict) else limit
 
 
 def parse_limit(text: str | None) -> int | float | dict | None:
