@@ -15,3 +15,8 @@ class SourceNotFoundError(LinearizeError, FileNotFoundError):
 
 class OutputError(LinearizeError):
     """An output path a verb may not write: not ours, in use, a file, or overlapping its input."""
+
+
+class ModelLoadError(LinearizeError, ValueError):
+    """A model source exists but its files cannot be read: missing weights, a truncated or corrupt
+    safetensors or GGUF file, a ``config.json`` that does not parse."""

@@ -40,11 +40,6 @@ CARD_FILE = "README.md"
 CHART_FILE = "recovery.png"
 DRY_RUN_KIND = "push-dry-run"  # marker kind of a --dry-run folder (linearize.outputs)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-# Offline packaged sources (linearize.sources.PACKAGED_MODELS) -> the hub repos they were made from.
-PACKAGED_BASE_MODELS = {
-    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "gemma3-270m": "google/gemma-3-270m",
-}
 TAGS = ("linearize", "linear-attention", "hybrid-attention", "sliding-window-attention", "text-generation")
 
 
@@ -70,7 +65,10 @@ def _hub_id(name: str | None) -> str | None:
     """``name`` as a hub repo id, or None if it is a local path or not a valid id."""
     if not name:
         return None
-    name = PACKAGED_BASE_MODELS.get(name, name)
+    from .sources.packaged import PACKAGED_MODELS  # the one table of packaged models
+
+    packaged = PACKAGED_MODELS.get(name)
+    name = packaged.hub_id if packaged else name
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 

