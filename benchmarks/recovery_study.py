@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from linearize.bench import write_json
+from linearize.outputs import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def run_variant(name: str, overrides: list[str], base_recipe: str, steps: int, a
     from linearize.recipe import load_recipe
     from linearize.train import finetune
 
-    with_transfer = load_recipe(base_recipe, overrides).stages[0] == "attention_transfer"
+    with_transfer = load_recipe(base_recipe, overrides + [f"output_dir={run_dir}"]).stages[0] == "attention_transfer"
     if with_transfer and at_steps >= steps:
         raise ValueError(f"--at-steps {at_steps} leaves no LoRA steps of the {steps} in the budget")
     lora_steps = steps - at_steps if with_transfer else steps  # every variant: the same optimiser steps
@@ -181,7 +181,7 @@ def _from_summaries(spec: str, out: Path, parser) -> int:
             parser.error(f"--summaries {name}: {path} is not a file (a finetune's training_summary.json)")
         rows.append(row_from_summary(name.strip(), json.loads(path.read_text())))
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", {"rows": {r["variant"]: r for r in rows}}, indent=1)
+    atomic_write_json(out / "results.json", {"rows": {r["variant"]: r for r in rows}})
     (out / "table.md").write_text(render_table(rows))
     plot(rows, out / "loss.png")
     return 0
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         row["steps"] = args.steps
         results["rows"][key] = row
         results["command"] = "python -m benchmarks.recovery_study " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_json(results_path, results, indent=1)
+        atomic_write_json(results_path, results)
         shutil.rmtree(run_dir)  # the row holds what the study needs; the 0.5 GB checkpoint is not kept
         logger.info("%s: perplexity %.2f -> %.2f (teacher %.2f)", key, row["ppl_start"], row["ppl_finetuned"],
                     row["ppl_teacher"])

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from linearize.bench import write_json
+from linearize.outputs import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "retrieval_layers.json", result)
+    atomic_write_json(out / "retrieval_layers.json", result)
     logger.info("wrote %s", out / "retrieval_layers.json")
     return 0
 

@@ -33,13 +33,24 @@ from typing import Callable
 
 import torch
 
+from linearize.checkpoint_files import CONFIG_FILE
+from linearize.config import DTYPES
+from linearize.environment import check_device, missing_modules
+from linearize.errors import LinearizeError, OutputError
+from linearize.outputs import atomic_write_json, check_output_file
+
 logger = logging.getLogger(__name__)
 
 STATUS_OK = "ok"
 STATUS_LIMIT = "exceeds model limit"
 STATUS_OOM = "out of memory"
 RSS_SAMPLE_S = 0.005  # RSS sampling period on CPU (5 ms: finer than any step we time)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CONVERTED_PREFIX = "linearize_"  # model_type of a converted checkpoint: this + the teacher's model_type
+REPORT_KEYS = ("settings", "results")  # what marks a JSON file as a bench report (safe to replace)
+
+
+class PairMismatchError(LinearizeError, ValueError):
+    """The converted checkpoint was not made from the given teacher (another family or shape)."""
 
 
 @dataclass
@@ -67,8 +78,7 @@ class BenchConfig:
             raise ValueError("batch and decode_steps must be >= 1, warmup_steps and max_batch >= 0")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        check_device(self.device)
         self.contexts = sorted(set(self.contexts))
 
 
@@ -311,12 +321,46 @@ def load_pair(converted_dir: str | os.PathLike, teacher: str | os.PathLike | Non
     import linearize  # noqa: F401  (registers the converted classes with AutoModelForCausalLM)
     from linearize.sources import load_model
 
-    if not Path(converted_dir).is_dir():
-        raise FileNotFoundError(f"converted checkpoint folder {converted_dir} does not exist (make one with `linearize convert`)")
+    if not (Path(converted_dir) / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{converted_dir} is not a converted checkpoint folder (no {CONFIG_FILE}; make one "
+                                "with `linearize convert`)")
+    converted_config = _read_config(Path(converted_dir))
     dtype = DTYPES[cfg.dtype]
     teacher_model = load_model(teacher, dtype=dtype, device=cfg.device)
+    check_pair(teacher_model.config, converted_config, teacher=str(teacher or "the default teacher"),
+               converted=str(converted_dir))
     converted = AutoModelForCausalLM.from_pretrained(converted_dir, dtype=dtype, device_map={"": torch.device(cfg.device)})
     return teacher_model.eval(), converted.eval()
+
+
+def _read_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise LinearizeError(f"{folder / CONFIG_FILE} does not parse ({err}): re-run `linearize convert`") from None
+    if not isinstance(config, dict) or not str(config.get("model_type", "")).startswith(CONVERTED_PREFIX):
+        raise LinearizeError(f"{folder} is not a converted checkpoint (its model_type is not linearize_*): "
+                             "pass a folder written by `linearize convert`")
+    return config
+
+
+_PAIR_FIELDS = ("num_hidden_layers", "hidden_size", "vocab_size")
+
+
+def check_pair(teacher_config, converted_config: dict, teacher: str = "the teacher", converted: str = "the converted model") -> None:
+    """Raise :class:`PairMismatchError` (one line) unless ``converted_config`` (a converted
+    checkpoint's config.json) was made from a model like ``teacher_config``: same family
+    (``model_type``), layers, hidden size and vocabulary. Cheap: runs before the converted weights load."""
+    text = teacher_config.get_text_config() if hasattr(teacher_config, "get_text_config") else teacher_config
+    family = str(converted_config.get("model_type", "")).removeprefix(CONVERTED_PREFIX)
+    have = {"model_type": getattr(text, "model_type", None), **{f: getattr(text, f, None) for f in _PAIR_FIELDS}}
+    want = {"model_type": family, **{f: converted_config.get(f) for f in _PAIR_FIELDS}}
+    differ = [k for k in want if want[k] is not None and have[k] is not None and want[k] != have[k]]
+    if differ:
+        show = lambda d: ", ".join(f"{k} {d[k]}" for k in differ)  # noqa: E731
+        raise PairMismatchError(f"{converted} was converted from another model than the teacher {teacher} "
+                                f"({show(want)} vs the teacher's {show(have)}): pass the model it was converted "
+                                "from with --teacher")
 
 
 def run_bench(
@@ -449,16 +493,39 @@ def plot(report: dict, path: str | os.PathLike) -> Path:
     return out
 
 
-def write_report(report: dict, json_path: str | os.PathLike) -> tuple[Path, Path]:
-    """Write the JSON and, beside it, the PNG (same name, ``.png``)."""
-    out = Path(json_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, report)
+def _is_bench_report(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and all(k in data for k in REPORT_KEYS)
+
+
+def check_report_path(json_path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Where :func:`write_report` may write (checked before the run): a ``.json`` file in a
+    writable folder that is new or an earlier bench report (so is the PNG beside it); anything else
+    raises :class:`linearize.errors.OutputError`. Returns the path, resolved."""
+    out = check_output_file(json_path, what="bench results", flag=flag, suffixes=(".json",))
+    png = out.with_suffix(".png")
+    if out.exists() and not _is_bench_report(out):
+        raise OutputError(f"{flag} {json_path}: {out} exists and is not a bench report: choose another {flag}")
+    if png.is_dir() or (png.exists() and not (out.exists() and _is_bench_report(out))):
+        raise OutputError(f"{flag} {json_path}: {png} (where the chart goes) exists and was not written by bench: "
+                          f"choose another {flag}")
+    return out
+
+
+def plot_available() -> bool:
+    """Whether the chart can be drawn (matplotlib, the ``bench`` extra, is installed)."""
+    return not missing_modules(["matplotlib"])
+
+
+def write_report(report: dict, json_path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """Write the JSON (atomically) and, beside it, the PNG (same name, ``.png``); without matplotlib
+    the PNG is skipped with a warning (its path is then None)."""
+    out = check_report_path(json_path)
+    atomic_write_json(out, report)
+    if not plot_available():
+        logger.warning("matplotlib is not installed, so no chart was drawn: pip install 'linearize[bench]'")
+        return out, None
     return out, plot(report, out.with_suffix(".png"))
-
-
-def write_json(path: Path, data, indent: int = 2) -> None:
-    """Write JSON through a temporary file and a rename: never a half-written file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=indent) + "\n")
-    partial.replace(path)

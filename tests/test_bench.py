@@ -104,3 +104,61 @@ def test_bad_input_is_a_clear_error():
         mb.parse_contexts("1k,lots")
     with pytest.raises(ValueError, match="contexts"):
         mb.BenchConfig(contexts=[0])
+
+
+def _one_line(capsys) -> str:
+    """The error line (the last of stderr; loading progress bars may come before it)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("linearize bench: error: "), lines
+    return errors[0]
+
+
+def test_output_and_pair_are_checked_before_measuring(folders, tmp_path, capsys, monkeypatch):
+    teacher_dir, converted_dir = folders
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the grid ran before the inputs were checked")
+
+    monkeypatch.setattr(mb, "run_bench", no_run)
+    base = ["bench", str(converted_dir), "--teacher", str(teacher_dir), "--device", "cpu", "--contexts", "16"]
+    assert cli.main(base + ["--out", str(tmp_path)]) == 2
+    assert "is a folder" in _one_line(capsys)
+    assert cli.main(base + ["--out", str(tmp_path / "x.txt")]) == 2
+    assert "name a file ending in .json" in _one_line(capsys)
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "data"}')
+    assert cli.main(base + ["--out", str(mine)]) == 2
+    assert "is not a bench report" in _one_line(capsys) and mine.read_text() == '{"my": "data"}'
+    monkeypatch.chdir(tmp_path)  # the default bench.json in the current folder is checked the same way
+    (tmp_path / "bench.json").write_text("[1, 2]")
+    assert cli.main(base) == 2
+    assert "bench.json exists and is not a bench report" in _one_line(capsys)
+
+    for arch, what in (("qwen2", "model_type qwen2"), ("llama-vocab", "vocab_size")):
+        other = tmp_path / arch
+        model = tiny_model("qwen2") if arch == "qwen2" else tiny_model_with(vocab_size=2 * COMMON["vocab_size"])
+        model.save_pretrained(other)
+        assert cli.main(["bench", str(converted_dir), "--teacher", str(other), "--device", "cpu",
+                         "--out", str(tmp_path / "r.json")]) == 2
+        err = _one_line(capsys)
+        assert "was converted from another model than the teacher" in err and "--teacher" in err
+        assert (what in err) if arch == "llama-vocab" else ("model_type llama vs the teacher's model_type qwen2" in err)
+
+
+def tiny_model_with(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**{**COMMON, **overrides})).eval()
+
+
+def test_report_without_matplotlib_keeps_table_and_json(tmp_path, monkeypatch, caplog):
+    report = {"settings": {"dtype": "float32", "batch": 1}, "results": {"teacher": [], "converted": []}}
+    monkeypatch.setattr(mb, "plot_available", lambda: False)
+    json_path, png_path = mb.write_report(report, tmp_path / "b.json")
+    assert png_path is None and json.loads(json_path.read_text()) == report
+    assert "pip install 'linearize[bench]'" in caplog.text
+    assert oct(json_path.stat().st_mode & 0o777) != oct(0o600)
+    # an earlier bench report (and its chart) may be replaced
+    (tmp_path / "b.png").write_bytes(PNG_SIGNATURE)
+    assert mb.check_report_path(tmp_path / "b.json") == (tmp_path / "b.json").resolve()

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train import _one_thread, tiny_teacher, write_corpus  # noqa: F401  (_one_thread: autouse fixture)
+from tiny_models import tiny_teacher, write_corpus
 from tiny_tokenizer import byte_tokenizer
 
 from benchmarks import recovery_study as study
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_base_recipe(tmp_path):

@@ -163,15 +163,18 @@ def run_bench(args) -> None:
         max_batch=args.max_batch if args.max_batch is not None else (256 if cuda else 4), threads=args.threads,
         teacher_beyond_limit=args.teacher_beyond_limit, retain_freed_memory=args.retain_freed_memory,
     )
+    out = mb.check_report_path(args.out)  # before minutes of measuring
+    if args.out == "bench.json":
+        logger.info("results go to %s and %s (choose with --out)", out, out.with_suffix(".png"))
     teacher, converted = mb.load_pair(args.dir, args.teacher, cfg)
     with Progress(transient=True) as bar:
         task = bar.add_task("bench", total=mb.grid_size(cfg))
         report = mb.run_bench(teacher, converted, cfg,
                               progress=lambda what: bar.update(task, advance=1, description=what))
     report["command"] = "linearize bench " + " ".join(_argv_of(args))
-    json_path, png_path = mb.write_report(report, args.out)
+    json_path, png_path = mb.write_report(report, out)
     print(mb.format_table(report))
-    print(f"\nwrote {json_path} and {png_path}")
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else ""))
 
 
 _GLOBAL_KEYS = ("dir", "verb", "run", "verbose", "debug")
@@ -225,9 +228,9 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-fewshot", type=_number(int, low=0), default=None,
                    help="few-shot examples (default: each task's own)")
     p.add_argument("--max-length", type=_POSITIVE_INT, default=None, help="context cap in tokens (default: the model's)")
-    p.add_argument("--passkey-lengths", default="1024,2048,4096,8192",
-                   help="token lengths of the passkey documents (default 1024,2048,4096,8192)")
-    p.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1", help="key positions in [0, 1]")
+    p.add_argument("--passkey-lengths", default=None,
+                   help="token lengths of the passkey documents (default 1024,2048,4096,8192; 1024 with --limit)")
+    p.add_argument("--passkey-depths", default=None, help="key positions in [0, 1] (default 0,0.25,0.5,0.75,1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=_DTYPES)
     p.add_argument("--out", default=None, help="report folder (default DIR/eval)")
@@ -236,22 +239,40 @@ def add_eval(p: argparse.ArgumentParser) -> None:
                    "the next student against the same teacher skips the teacher's run")
 
 
+def _numbers(text: str | None, kind: type, flag: str) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give comma-separated numbers, e.g. {flag} 1024,2048") from None
+
+
 def run_eval(args) -> None:
     require_extra("eval")
+    import os
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     from linearize.config import torch_dtype
-    from linearize.evals import OfflineTaskConfig, render_markdown, run_recovery
+    from linearize.evals import render_markdown, run_recovery
+    from linearize.evals.config import task_config_for
     from linearize.evals.runner import parse_limit
 
     limit = parse_limit(args.limit)
-    task_config = OfflineTaskConfig(
-        passkey_lengths=[int(x) for x in args.passkey_lengths.split(",") if x.strip()],
-        passkey_depths=[float(x) for x in args.passkey_depths.split(",") if x.strip()],
-    )
-    report, paths = run_recovery(
-        args.dir, args.teacher, args.tasks.split(","), out_dir=args.out, limit=limit, batch_size=args.batch_size,
-        max_length=args.max_length, num_fewshot=args.num_fewshot, task_config=task_config, device=args.device,
-        dtype=torch_dtype(args.dtype), teacher_cache=args.teacher_cache,
-    )
+    task_config = task_config_for(limit, passkey_lengths=_numbers(args.passkey_lengths, int, "--passkey-lengths"),
+                                  passkey_depths=_numbers(args.passkey_depths, float, "--passkey-depths"))
+    os.environ.setdefault("TQDM_DISABLE", "1")  # one overall line below, not lm-eval's bar per request type
+    columns = (TextColumn("eval: {task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("loading", total=None)
+        report, paths = run_recovery(
+            args.dir, args.teacher, args.tasks.split(","), out_dir=args.out, limit=limit, batch_size=args.batch_size,
+            max_length=args.max_length, num_fewshot=args.num_fewshot, task_config=task_config, device=args.device,
+            dtype=torch_dtype(args.dtype), teacher_cache=args.teacher_cache,
+            progress=lambda done, total, what: bar.update(task, completed=done, total=total, description=what),
+        )
     print(render_markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
@@ -265,13 +286,14 @@ def add_push(p: argparse.ArgumentParser) -> None:
                    help="hub id of the teacher for the card (default: from eval_report.json / training_summary.json)")
     p.add_argument("--dry-run", metavar="OUT", default=None,
                    help="write the exact folder that would be uploaded to OUT and validate it; upload nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier --dry-run folder at OUT")
 
 
 def run_push(args) -> None:
     from linearize.hub import push
 
     where = push(args.dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run,
-                 base_model=args.base_model)
+                 base_model=args.base_model, overwrite=args.overwrite)
     print(f"dry run, nothing uploaded: {where}" if args.dry_run else f"uploaded: {where}")
 
 
