@@ -6,55 +6,147 @@ covers only the tokens beyond the window, the last ``window`` tokens' linear-bra
 first ``sink_tokens`` keys/values). It plugs into transformers' own
 ``Cache`` (e.g. the ``DynamicCache`` that ``generate()`` creates) as the layer object at the
 converted layer's index, so kept softmax layers keep their usual ``DynamicLayer``.
+
+A forward talks to it once, as with flash-linear-attention's cache: ``update(...)`` takes this
+call's window keys/values and linear-branch inputs and returns a :class:`LayerView` (window keys with
+their history, the sink tokens, the recurrent state, the delay line's output); ``store_state(...)``
+keeps the new recurrent state at the end.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 
+class LinearInputs(NamedTuple):
+    """What enters a converted layer's recurrent state at each token."""
+
+    k: torch.Tensor
+    """Feature-mapped keys [B, T, Hkv, F]."""
+    v: torch.Tensor
+    """Values [B, T, Hkv, V] (a column of ones appended when the branch keeps a denominator)."""
+    log_g: torch.Tensor
+    """Log decays [B, T, Hkv, F], fp32."""
+
+
+class SinkTokens(NamedTuple):
+    """The first ``sink_tokens`` valid tokens of each row (fewer until that many arrived)."""
+
+    k: torch.Tensor  # [B, <= n, Hkv, D] post-RoPE
+    v: torch.Tensor  # [B, <= n, Hkv, D]
+    valid: torch.Tensor  # [B, <= n] bool
+    positions: torch.Tensor  # [B, <= n] long
+
+
+@dataclass
+class LayerView:
+    """What one forward of a converted layer reads: this call's tokens joined to the layer's history.
+
+    The tensors keep their autograd history (the cache itself stores detached copies)."""
+
+    past: int
+    """Tokens the layer had seen before this call."""
+    k: torch.Tensor | None
+    """Window keys [B, Tbuf + T, Hkv, D] (post-RoPE): the buffered ones, then this call's; None
+    without a window branch."""
+    v: torch.Tensor | None
+    """Window values [B, Tbuf + T, Hkv, D]."""
+    valid: torch.Tensor | None
+    """Which window keys are real tokens [B, Tbuf + T] bool."""
+    sinks: SinkTokens | None
+    """The sink tokens (``sink_tokens > 0``)."""
+    state: torch.Tensor | None
+    """Recurrent state before this call [B, Hkv, F, V] fp32, or None (empty)."""
+    linear: LinearInputs
+    """What enters the state at each of this call's tokens: sink tokens' keys zeroed (they never
+    enter it), and, for a delayed linear branch, each input as it was ``window`` tokens earlier."""
+
+
 class HybridCacheLayer(CacheLayerMixin):
-    """Recurrent state and window buffer of one converted attention layer."""
+    """Recurrent state and window buffer of one converted attention layer.
+
+    ``keep_window``: buffer the window's keys/values; ``sink_tokens``: keep each row's first N
+    tokens for good; ``delay``: the linear branch sees a token once it has left the window.
+    """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, window: int):
+    def __init__(self, window: int, *, keep_window: bool = True, sink_tokens: int = 0, delay: bool = False):
         super().__init__()
         self.window = window
+        self.keep_window, self.sink_tokens, self.delay = keep_window, sink_tokens, delay
         self.state: torch.Tensor | None = None  # [B, Hkv, F, V] fp32
         self.keys: torch.Tensor | None = None  # [B, <= window - 1, Hkv, D]
         self.values: torch.Tensor | None = None  # [B, <= window - 1, Hkv, D]
         self.valid: torch.Tensor | None = None  # [B, <= window - 1] bool
-        # linear_span='beyond_window': the linear-branch inputs of the last `window` tokens, waiting
-        # to leave the window (feature-mapped keys [B, window, Hkv, F], values [B, window, Hkv, V],
-        # log decays [B, window, Hkv, F]).
+        # delay: the linear-branch inputs of the last `window` tokens, waiting to leave the window
+        # (k, v, log_g of LinearInputs, each [B, window, ...]).
         self.delayed: tuple[torch.Tensor, ...] | None = None
-        # sink_tokens > 0: the first valid tokens of each row, visible to the window's softmax for
-        # good (keys [B, <= n, Hkv, D] post-RoPE, values, valid [B, <= n], positions [B, <= n]).
-        self.sinks: tuple[torch.Tensor, ...] | None = None
+        self.sinks: SinkTokens | None = None
         self.seen_tokens = 0
 
     # --- what the mixer uses -------------------------------------------------------------------
-    def window_inputs(
-        self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Buffered plus new keys, values and flags: k, v [B, Tbuf + T, Hkv, D]; valid [B, Tbuf + T]."""
-        if self.keys is None:
-            return k, v, valid
-        return (
-            torch.cat([self.keys, k], dim=1),
-            torch.cat([self.values, v], dim=1),
-            torch.cat([self.valid, valid], dim=1),
-        )
+    def update(
+        self, key_states: torch.Tensor | None, value_states: torch.Tensor, valid: torch.Tensor | None = None, *,
+        linear: LinearInputs | None = None,
+    ) -> LayerView:
+        """Add this call's tokens (window keys [B, T, Hkv, D] post-RoPE or None, values, valid [B, T])
+        and linear-branch inputs; return what the forward needs (:class:`LayerView`). The new
+        recurrent state comes back through :meth:`store_state` once the forward has it."""
+        if not isinstance(valid, torch.Tensor) or not isinstance(linear, LinearInputs):
+            raise RuntimeError("a converted layer's cache is updated by its mixer, not by Cache.update")
+        past, T = self.seen_tokens, valid.shape[1]
+        k = v = valid_all = sinks = None
+        if self.keep_window:
+            k, v, valid_all = self._window(key_states, value_states, valid)
+        if self.sink_tokens:
+            sinks, is_sink = self._sinks(key_states, value_states, valid, past)
+            linear = linear._replace(k=linear.k * (~is_sink)[:, :, None, None].to(linear.k.dtype))
+        if self.delay:
+            linear = LinearInputs(*self._delay_line(linear))
+        self.seen_tokens += T
+        self.is_initialized = True
+        return LayerView(past, k, v, valid_all, sinks, self.state, linear)
 
-    def delay_line(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each input [B, T, ...] as it was ``window`` tokens earlier (zeros before the first token).
+    def store_state(self, state: torch.Tensor | None) -> None:
+        """Keep the recurrent state after this call (the forward's one store)."""
+        self.state = None if state is None else state.detach()
 
-        The tokens still inside the window are kept for the next call.
-        """
+    def _window(self, k, v, valid):
+        """Buffered plus new keys, values and flags; keeps the last ``window - 1`` (all the next
+        token can see)."""
+        if self.keys is not None:
+            k, v, valid = (torch.cat([old, new], dim=1) for old, new in ((self.keys, k), (self.values, v),
+                                                                        (self.valid, valid)))
+        start = max(0, k.shape[1] - (self.window - 1))
+        self.keys, self.values, self.valid = k[:, start:].detach(), v[:, start:].detach(), valid[:, start:]
+        return k, v, valid
+
+    def _sinks(self, k, v, valid, past: int) -> tuple[SinkTokens, torch.Tensor]:
+        """The sink set after this call's tokens, and which of them are sinks [B, T] bool."""
+        B, T = valid.shape
+        n = self.sink_tokens
+        pos = (past + torch.arange(T, device=valid.device)).expand(B, T)
+        new = (k, v, valid, pos)
+        k_c, v_c, valid_c, pos_c = new if self.sinks is None else (
+            torch.cat([old, x], dim=1) for old, x in zip(self.sinks, new))
+        is_sink = valid_c & (valid_c.cumsum(dim=1) <= n)
+        first = torch.sort((~is_sink).to(torch.int8), dim=1, stable=True).indices[:, :n]  # sinks first
+        pick = first[:, :, None, None].expand(-1, -1, *k_c.shape[2:])
+        sinks = SinkTokens(k_c.gather(1, pick), v_c.gather(1, pick), is_sink.gather(1, first), pos_c.gather(1, first))
+        self.sinks = SinkTokens(*(t.detach() for t in sinks))
+        return sinks, is_sink[:, -T:]
+
+    def _delay_line(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Each input [B, T, ...] as it was ``window`` tokens earlier (zeros before the first token);
+        the tokens still inside the window are kept for the next call."""
         if self.delayed is None:
             self.delayed = tuple(x.new_zeros(x.shape[0], self.window, *x.shape[2:]) for x in inputs)
         T = inputs[0].shape[1]
@@ -62,32 +154,9 @@ class HybridCacheLayer(CacheLayerMixin):
         self.delayed = tuple(x[:, -self.window:].detach() for x in joined)
         return tuple(x[:, :T] for x in joined)
 
-    def sink_inputs(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The buffered sink tokens' (keys, values, valid, positions) followed by the new tokens'."""
-        if self.sinks is None:
-            return inputs
-        return tuple(torch.cat([old, new], dim=1) for old, new in zip(self.sinks, inputs))
-
-    def store_sinks(self, *sinks: torch.Tensor) -> None:
-        self.sinks = tuple(t.detach() for t in sinks)
-
-    def store(self, k_all: torch.Tensor, v_all: torch.Tensor, valid_all: torch.Tensor, state, new_tokens: int):
-        """Keep the last ``window - 1`` keys/values (all the next token can see) and the new state."""
-        keep = self.window - 1
-        start = max(0, k_all.shape[1] - keep)
-        self.keys = k_all[:, start:].detach()
-        self.values = v_all[:, start:].detach()
-        self.valid = valid_all[:, start:]
-        self.state = None if state is None else state.detach()
-        self.seen_tokens += new_tokens
-        self.is_initialized = True
-
     # --- transformers' CacheLayerMixin -----------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise RuntimeError("a converted layer's cache is updated by its mixer, not by Cache.update")
 
     def get_seq_length(self) -> int:
         return self.seen_tokens
@@ -106,7 +175,7 @@ class HybridCacheLayer(CacheLayerMixin):
         if self.delayed is not None:
             self.delayed = tuple(fn(t) for t in self.delayed)
         if self.sinks is not None:
-            self.sinks = tuple(fn(t) for t in self.sinks)
+            self.sinks = SinkTokens(*(fn(t) for t in self.sinks))
 
     def reset(self) -> None:
         self.state = self.keys = self.values = self.valid = self.delayed = self.sinks = None
@@ -145,8 +214,8 @@ class HybridCacheLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def hybrid_layer(cache: Cache, layer_idx: int, window: int) -> HybridCacheLayer:
-    """This layer's ``HybridCacheLayer`` inside a transformers ``Cache``, put there on first use.
+def hybrid_layer(cache: Cache, layer_idx: int, make: Callable[[], HybridCacheLayer]) -> HybridCacheLayer:
+    """This layer's ``HybridCacheLayer`` inside a transformers ``Cache``, put there (``make()``) on first use.
 
     ``generate()`` and the models build a ``DynamicCache`` whose layers are ``DynamicLayer``s (made
     eagerly from the config, or lazily): the empty placeholder at a converted layer's index is
@@ -154,8 +223,8 @@ def hybrid_layer(cache: Cache, layer_idx: int, window: int) -> HybridCacheLayer:
     """
     layers = cache.layers
     while len(layers) <= layer_idx:
-        make = getattr(cache, "layer_class_to_replicate", None) or DynamicLayer
-        layers.append(make() if len(layers) < layer_idx else HybridCacheLayer(window))
+        placeholder = getattr(cache, "layer_class_to_replicate", None) or DynamicLayer
+        layers.append(placeholder() if len(layers) < layer_idx else make())
     layer = layers[layer_idx]
     if isinstance(layer, HybridCacheLayer):
         return layer
@@ -164,7 +233,7 @@ def hybrid_layer(cache: Cache, layer_idx: int, window: int) -> HybridCacheLayer:
             f"cache layer {layer_idx} already holds softmax keys ({type(layer).__name__}): this cache was filled "
             "by a model that was not converted; start from an empty cache"
         )
-    layers[layer_idx] = HybridCacheLayer(window)
+    layers[layer_idx] = make()
     return layers[layer_idx]
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..cache import hybrid_layer
+from ..cache import HybridCacheLayer, LayerView, LinearInputs, hybrid_layer
 from ..config import ConversionConfig
 from ..kernels import fused_liger_attention, gated_linear_attention, gla_decode_step, sliding_window_attention
 from .parts import HedgehogFeatureMap, apply_rope, key_gate
@@ -123,13 +123,46 @@ class HybridAttention(nn.Module):
         return self.hybrid_forward(hidden_states, position_embeddings, padding, cache), None
 
     def hybrid_forward(self, x, position_embeddings, padding_mask=None, cache=None) -> torch.Tensor:
+        """Linear-branch inputs, one cache update, the window and linear branches, their combination,
+        one store of the new state. Without a cache the layer runs on a fresh, throw-away one."""
         cfg = self.cfg
         B, T, _ = x.shape
         q, k, v = self._qkv(x)
         valid = self._new_key_valid(padding_mask, B, T, x.device)  # [B, T] bool
-        layer = hybrid_layer(cache, self.layer_idx, cfg.window) if cache is not None else None
+        fq, linear = self._linear_inputs(x, q, k, v, valid)
+        q_r = k_r = None
+        if cfg.use_window:
+            cos, sin = position_embeddings
+            q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        layer = self._new_cache_layer() if cache is None else hybrid_layer(cache, self.layer_idx, self._new_cache_layer)
+        view = layer.update(k_r, v, valid, linear=linear)
+        keep_state = cache is not None
+        if self._fusable(view):  # Liger's fixed mix, nothing buffered: one op for both branches
+            o, state = fused_liger_attention(
+                fq, view.linear.k, view.linear.log_g, q_r, view.k, view.v, window=cfg.window,
+                window_weight=float(cfg.window_weight), scale_lin=1.0, scale_swa=self.scaling,
+                initial_state=view.state, output_final_state=keep_state, key_mask=view.valid,
+                sinks=getattr(self, "sinks", None),
+            )  # [B, T, H, D]
+        else:
+            o_lin, state = self._linear_branch(fq, view, keep_state)  # [B, T, H, V(+1)]
+            if cfg.use_window:
+                o = self._combine(*self._window_branch(q_r, view), o_lin)
+            else:
+                o = self._normalize(o_lin) if cfg.normalizer != "none" else o_lin
+        layer.store_state(state)
+        return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
 
-        # Gated linear branch (no RoPE).
+    def _new_cache_layer(self) -> HybridCacheLayer:
+        cfg = self.cfg
+        return HybridCacheLayer(cfg.window, keep_window=cfg.use_window, sink_tokens=cfg.sink_tokens,
+                                delay=cfg.linear_span == "beyond_window")
+
+    def _linear_inputs(self, x, q, k, v, valid) -> tuple[torch.Tensor, LinearInputs]:
+        """Feature-mapped queries [B, T, H, F] and what enters the state (no RoPE): φk(k) (or HGRN2's
+        1 − α), values (plus a ones column that accumulates the denominator), log decays; padding
+        adds nothing and does not decay the state."""
+        cfg = self.cfg
         if cfg.gate == "learned":
             log_g = F.logsigmoid(self.gate_proj(x).float()).unsqueeze(-1) / cfg.gate_logit_normalizer  # [B,T,Hkv,1]
         else:
@@ -146,87 +179,44 @@ class HybridAttention(nn.Module):
         if cfg.gate == "hgrn2":  # HGRN2: the key is the complement of the forget gate, feature by feature
             fk = (1 - log_g.exp()).to(fk.dtype)  # [B, T, Hkv, F]
         keep = valid[:, :, None, None]
-        fk = fk * keep.to(fk.dtype)  # padding adds nothing ...
-        log_g = log_g * keep  # ... and does not decay the state
-        if self._fusable(layer):  # Liger's fixed mix, nothing buffered: one op for both branches
-            cos, sin = position_embeddings
-            q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            o, state = fused_liger_attention(
-                fq, fk, log_g.float(), q_r, k_r, v, window=cfg.window, window_weight=float(cfg.window_weight),
-                scale_lin=1.0, scale_swa=self.scaling, initial_state=None if layer is None else layer.state,
-                output_final_state=layer is not None, key_mask=valid, sinks=getattr(self, "sinks", None),
-            )  # [B, T, H, D]
-            if layer is not None:
-                layer.store(k_r, v, valid, state, T)
-            return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
-
-        if cfg.use_window:
-            cos, sin = position_embeddings
-            q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cfg.sink_tokens:
-            o_sink, lse_sink, is_sink = self._sink_attention(q_r, k_r, v, valid, layer)
-            fk = fk * (~is_sink)[:, :, None, None].to(fk.dtype)  # a sink token never enters the state
-
-        v_lin = v
+        fk = fk * keep.to(fk.dtype)
+        log_g = log_g * keep
         if cfg.normalizer != "none":
-            v_lin = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # last column accumulates z
-        log_g = log_g.float()
-        if cfg.linear_span == "beyond_window":  # the linear branch sees a token once it leaves the window
-            fk, v_lin, log_g = self._delayed(layer, fk, v_lin, log_g)
-        o_lin, state = self._linear_branch(fq, fk, v_lin, log_g, layer)  # [B, T, H, V(+1)]
+            v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [B, T, Hkv, D + 1]: last column sums z
+        return fq, LinearInputs(fk, v, log_g.float())  # decays stay fp32 whatever the activations' dtype
 
-        if not cfg.use_window:
-            o = self._normalize(o_lin) if cfg.normalizer != "none" else o_lin
-        else:
-            if layer is not None:
-                k_all, v_all, valid_all = layer.window_inputs(k_r, v, valid)
-            else:
-                k_all, v_all, valid_all = k_r, v, valid
-            o_win, lse = sliding_window_attention(
-                q_r, k_all, v_all, window=cfg.window, scale=self.scaling,
-                key_mask=valid_all, sinks=getattr(self, "sinks", None),
-            )  # [B, T, H, D], [B, T, H]
-            if cfg.sink_tokens:
-                o_win, lse = merge_softmax(o_win, lse, o_sink, lse_sink)
-            if layer is not None:
-                layer.store(k_all, v_all, valid_all, state, T)
-            o = self._combine(o_win, lse, o_lin)
-        if layer is not None and not cfg.use_window:
-            layer.store(k[:, :0], v[:, :0], valid[:, :0], state, T)
-        return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
-
-    def _fusable(self, layer) -> bool:
+    def _fusable(self, view: LayerView) -> bool:
         """Whether both branches run as one fused op: Liger's fixed mix without a normalizer, and no
         window keys buffered from earlier calls (training, and the first prefill)."""
         cfg = self.cfg
-        return (cfg.use_window and cfg.normalizer == "none" and cfg.mix == "fixed"
-                and (layer is None or layer.keys is None))
+        return cfg.use_window and cfg.normalizer == "none" and cfg.mix == "fixed" and view.past == 0
 
-    def _delayed(self, layer, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The linear branch's inputs shifted ``window`` tokens later: at token t, token t − window
-        enters the state (through the cache's delay line when there is one)."""
-        if layer is not None:
-            return layer.delay_line(*inputs)
-        T, w = inputs[0].shape[1], self.cfg.window
-        return tuple(F.pad(x, (0, 0) * (x.dim() - 2) + (w, 0))[:, :T] for x in inputs)
+    def _linear_branch(self, fq, view: LayerView, keep_state: bool):
+        """Gated linear attention from the cached state; decode steps advance it in place."""
+        k, v, log_g = view.linear
+        if view.state is not None and fq.shape[1] <= DECODE_MAX_TOKENS and not torch.is_grad_enabled():
+            state = view.state.contiguous()
+            return gla_decode_step(fq, k, v, log_g, state, scale=1.0), state
+        return gated_linear_attention(fq, k, v, log_g, scale=1.0, initial_state=view.state,
+                                      output_final_state=keep_state)
 
-    def _sink_attention(self, q_r, k_r, v, valid, layer):
-        """Softmax over the sink tokens (each row's first ``sink_tokens`` valid tokens) that have left
-        the window: o [B, T, H, D] fp32, lse [B, T, H] (-inf where there are none), and which of the
-        new tokens are sinks [B, T] bool."""
-        B, T = valid.shape
-        n, device = self.cfg.sink_tokens, valid.device
-        past = 0 if layer is None else layer.seen_tokens
-        pos = (past + torch.arange(T, device=device)).expand(B, T)
-        inputs = (k_r, v, valid, pos)
-        k_c, v_c, valid_c, pos_c = layer.sink_inputs(*inputs) if layer is not None else inputs
-        is_sink = valid_c & (valid_c.cumsum(dim=1) <= n)
-        first = torch.sort((~is_sink).to(torch.int8), dim=1, stable=True).indices[:, :n]  # sinks first
-        pick = first[:, :, None, None].expand(-1, -1, *k_c.shape[2:])
-        k_s, v_s = k_c.gather(1, pick), v_c.gather(1, pick)  # [B, <= n, Hkv, D]
-        valid_s, pos_s = is_sink.gather(1, first), pos_c.gather(1, first)
-        if layer is not None:
-            layer.store_sinks(k_s, v_s, valid_s, pos_s)
+    def _window_branch(self, q_r, view: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax over the window (with the learned sink logits) and the sink tokens that have left
+        it: o [B, T, H, D] and its log-normalizer lse [B, T, H]."""
+        o, lse = sliding_window_attention(
+            q_r, view.k, view.v, window=self.cfg.window, scale=self.scaling, key_mask=view.valid,
+            sinks=getattr(self, "sinks", None),
+        )  # [B, T, H, D], [B, T, H]
+        if self.cfg.sink_tokens:
+            o, lse = merge_softmax(o, lse, *self._sink_attention(q_r, view))
+        return o, lse
+
+    def _sink_attention(self, q_r, view: LayerView):
+        """Softmax over the sink tokens that have left the window: o [B, T, H, D] fp32, lse [B, T, H]
+        (-inf where there are none)."""
+        B, T = q_r.shape[:2]
+        k_s, v_s, valid_s, pos_s = view.sinks
+        pos = (view.past + torch.arange(T, device=q_r.device)).expand(B, T)
         group = self.num_heads // self.num_kv_heads
         k_s, v_s = k_s.repeat_interleave(group, dim=2), v_s.repeat_interleave(group, dim=2)
         logits = torch.einsum("bthd,bshd->bths", q_r.float(), k_s.float()) * self.scaling
@@ -237,19 +227,7 @@ class HybridAttention(nn.Module):
         p = torch.exp(logits - lse[..., None]) * left
         o = torch.einsum("bths,bshd->bthd", p, v_s.float())
         lse = torch.where(left.any(dim=-1), lse, float("-inf"))  # no sink has left the window yet
-        return o, lse, is_sink[:, -T:]
-
-    def _linear_branch(self, fq, fk, v, log_g, layer):
-        """Gated linear attention from the cached state; decode steps advance it in place."""
-        T = fq.shape[1]
-        if layer is not None and layer.state is not None and T <= DECODE_MAX_TOKENS and not torch.is_grad_enabled():
-            state = layer.state.contiguous()
-            return gla_decode_step(fq, fk, v, log_g, state, scale=1.0), state
-        return gated_linear_attention(
-            fq, fk, v, log_g, scale=1.0,  # decays stay fp32 whatever the activations' dtype
-            initial_state=None if layer is None else layer.state,
-            output_final_state=layer is not None,
-        )
+        return o, lse
 
     def _normalize(self, o_lin: torch.Tensor) -> torch.Tensor:
         num, den = o_lin[..., :-1].float(), o_lin[..., -1:].float()
