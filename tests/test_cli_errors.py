@@ -205,3 +205,27 @@ def test_dtype_choices_are_the_one_table():
     from linearize.config import DTYPE_NAMES
 
     assert verbs._DTYPES == DTYPE_NAMES
+
+
+def test_damaged_weights_met_anywhere_are_one_line(capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    def damaged(*args, **kwargs):
+        raise SafetensorError("Error while deserializing header: incomplete metadata, file not fully covered")
+
+    monkeypatch.setattr(linearize, "convert_to_folder", damaged)
+    code, err = run(capsys, "convert", "--out", "somewhere-new")
+    assert (code, one_error_line(err)) == (
+        2, "linearize convert: error: a safetensors weights file is damaged or incomplete (Error while deserializing "
+        "header: incomplete metadata, file not fully covered): copy or download the model again, or re-save it")
+
+
+def test_permission_denied_names_the_path(capsys, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/srv/models/out")
+
+    monkeypatch.setattr(linearize, "convert_to_folder", denied)
+    code, err = run(capsys, "convert", "--out", "somewhere-new")
+    assert (code, one_error_line(err)) == (
+        2, "linearize convert: error: permission denied: /srv/models/out (choose a folder you can write to, or "
+        "change its permissions)")

@@ -58,12 +58,17 @@ def user_message(err: BaseException, verb: str) -> str | None:
     """The one line shown for an expected failure, or None for an unexpected one (a bug)."""
     from linearize.errors import LinearizeError
 
+    if isinstance(err, LinearizeError):
+        return one_line(err) or type(err).__name__
     if isinstance(err, ModuleNotFoundError) and err.name:
         return _missing_extra(err.name, verb)
-    if isinstance(err, OSError) and not isinstance(err, LinearizeError) and err.errno in _OS_FIXES:
+    if type(err).__name__ == "SafetensorError":  # safetensors' own (Rust) error: a damaged weights file
+        return (f"a safetensors weights file is damaged or incomplete ({one_line(err)}): copy or download the "
+                "model again, or re-save it")
+    if isinstance(err, OSError) and err.errno in _OS_FIXES:
         where = f": {err.filename}" if err.filename else ""
         return f"{(err.strerror or str(err)).lower()}{where} ({_OS_FIXES[err.errno]})"
-    if isinstance(err, (LinearizeError, ValueError, OSError)):  # OSError: transformers' "can't load ..."
+    if isinstance(err, (ValueError, OSError)):  # OSError: transformers' "can't load ..."
         return one_line(err) or type(err).__name__
     return None
 
