@@ -243,6 +243,24 @@ def test_save_and_reload_gives_identical_logits(arch, tmp_path):
     torch.testing.assert_close(reloaded(ids).logits, expected, atol=0, rtol=0)
 
 
+def test_loading_builds_the_model_convert_built_and_old_configs_still_load(tmp_path):
+    """One construction step for convert() and loading: the same modules and settings; a config.json
+    written before linear_span/sink_tokens existed (and with chunk_size) still loads."""
+    model = _converted("llama", ConversionConfig(mixer="lizard", window=4, keep_softmax_layers=[1]))
+    ids = torch.randint(0, VOCAB, (2, 9))
+    expected = model(ids).logits
+    folder = linearize.save_converted(model, tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("linear_span", "sink_tokens"):
+        del config["linearize"][key]
+    config["linearize"]["chunk_size"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert str(reloaded) == str(model)
+    assert reloaded.config._attn_implementation == model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(reloaded(ids).logits, expected, atol=0, rtol=0)
+
+
 FRESH_PROCESS = textwrap.dedent(
     """
     import sys, importlib.abc
