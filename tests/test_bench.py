@@ -70,14 +70,14 @@ def test_oom_is_reported_and_the_grid_goes_on(folders, monkeypatch):
     teacher_dir, converted_dir = folders
     cfg = mb.BenchConfig(contexts=[16, 32], decode_steps=2, warmup_steps=0, max_batch=0)
     teacher, converted = mb.load_pair(converted_dir, teacher_dir, cfg)
-    real_prefill = mb._prefill
+    real_prefill = mb.measure._prefill
 
     def prefill(model, ids):
         if ids.shape[1] == 32:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
         return real_prefill(model, ids)
 
-    monkeypatch.setattr(mb, "_prefill", prefill)
+    monkeypatch.setattr(mb.measure, "_prefill", prefill)
     report = mb.run_bench(teacher, converted, cfg)
     for name in ("teacher", "converted"):
         statuses = [r["status"] for r in report["results"][name]]
@@ -154,7 +154,7 @@ def tiny_model_with(**overrides):
 
 def test_report_without_matplotlib_keeps_table_and_json(tmp_path, monkeypatch, caplog):
     report = {"settings": {"dtype": "float32", "batch": 1}, "results": {"teacher": [], "converted": []}}
-    monkeypatch.setattr(mb, "plot_available", lambda: False)
+    monkeypatch.setattr(mb.report, "plot_available", lambda: False)
     json_path, png_path = mb.write_report(report, tmp_path / "b.json")
     assert png_path is None and json.loads(json_path.read_text()) == report
     assert "pip install 'linearize[bench]'" in caplog.text

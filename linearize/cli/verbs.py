@@ -250,8 +250,7 @@ def _numbers(text: str | None, kind: type, flag: str) -> list | None:
 
 def run_eval(args) -> None:
     require_extra("eval")
-    import os
-
+    import datasets
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from linearize.config import torch_dtype
@@ -262,7 +261,7 @@ def run_eval(args) -> None:
     limit = parse_limit(args.limit)
     task_config = task_config_for(limit, passkey_lengths=_numbers(args.passkey_lengths, int, "--passkey-lengths"),
                                   passkey_depths=_numbers(args.passkey_depths, float, "--passkey-depths"))
-    os.environ.setdefault("TQDM_DISABLE", "1")  # one overall line below, not lm-eval's bar per request type
+    datasets.disable_progress_bars()  # one overall line below (lm-eval's request bars go with the callback)
     columns = (TextColumn("eval: {task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, transient=True) as bar:

@@ -147,7 +147,7 @@ def run_recovery(
 
             results[role] = evaluate(model, tok, names, limit=limit, batch_size=batch_size, max_length=max_length,
                                      num_fewshot=num_fewshot, task_config=task_config, include_path=include,
-                                     use_cache=cache, on_task_done=task_done)
+                                     use_cache=cache, on_task_done=task_done, request_bars=progress is None)
             del model
             gc.collect()  # free each model before loading the next
 

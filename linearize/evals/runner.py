@@ -80,13 +80,33 @@ def split_tasks(tasks) -> tuple[list[str], list[str]]:
     return offline, standard
 
 
-def make_lm(model, tokenizer, *, batch_size: int = 8, max_length: int | None = None):
-    """lm-eval's ``HFLM`` around a loaded model (no reload, no device move)."""
+def make_lm(model, tokenizer, *, batch_size: int = 8, max_length: int | None = None, request_bars: bool = True):
+    """lm-eval's ``HFLM`` around a loaded model (no reload, no device move). ``request_bars=False``
+    turns off lm-eval's progress bar per request type (the caller shows one overall line)."""
     from lm_eval.models.huggingface import HFLM
 
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: need a positive batch size")
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    cls = HFLM if request_bars else _quiet_hflm()
+    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def _quiet_hflm():
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        """``HFLM`` whose request methods run without their own progress bars."""
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
 
 
 def evaluate(
@@ -103,6 +123,7 @@ def evaluate(
     lm=None,
     use_cache: str | Path | None = None,
     on_task_done: Callable[[str], None] | None = None,
+    request_bars: bool = True,
 ) -> dict:
     """Evaluate one model; returns lm-eval's results dict (``results``, ``n-samples``, ...).
 
@@ -117,12 +138,14 @@ def evaluate(
     ``use_cache``: lm-eval's request cache (``CachingLM``: a sqlite file per rank at this path
     prefix). It keys on the requests only, so one path must hold one model's answers.
     ``on_task_done(task)``: called after each task (tasks run one lm-eval call each), for progress.
+    ``request_bars``: lm-eval's own progress bar per request type (off when the caller shows one line).
     """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     offline, standard = split_tasks(tasks)
-    lm = lm if lm is not None else make_lm(model, tokenizer, batch_size=batch_size, max_length=max_length)
+    lm = lm if lm is not None else make_lm(model, tokenizer, batch_size=batch_size, max_length=max_length,
+                                           request_bars=request_bars)
     _check_passkey_fits(lm, offline, task_config or OfflineTaskConfig())
     with tempfile.TemporaryDirectory(prefix="linearize-tasks-") as tmp:
         include = str(include_path) if include_path is not None else None
