@@ -21,6 +21,7 @@ from typing import Any
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..config import torch_dtype
 from ..convert import conversion_parameters, convert, save_converted
@@ -31,6 +32,7 @@ from ..outputs import (
     FolderLock, atomic_write_json, atomic_write_text, check_output_dir, write_marker, written_by_linearize,
 )
 from ..recipe import Recipe
+from ..sources import load_teacher, model_max_length
 from .loop import Run, RunLogger, StepCallback, flat_scalars, run_stage
 from .lora import Lora, merge, rebuild_peft_model, save_adapter
 from .metrics import held_out_nll
@@ -125,8 +127,6 @@ def _claim_output_dir(out: Path) -> FolderLock:
 def _finished_outputs(out: Path, state: RunState):
     """(model dir, adapter dir, summary, model, tokenizer) of a run whose outputs match its last
     checkpoint, or None when they are missing (e.g. killed while saving them)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     summary_path, model_dir = out / SUMMARY_FILE, out / MODEL_DIR
     if not (summary_path.is_file() and (model_dir / SUMMARY_FILE).is_file()):
         return None
@@ -180,8 +180,6 @@ def finetune(recipe: Recipe, *, resume: bool = False, model: nn.Module | None = 
 
 
 def _train(recipe, accelerator, log, out, checkpoints, plan, model, tokenizer, callback) -> FinetuneResult:
-    from ..sources import load_teacher, model_max_length
-
     tc = recipe.train
     if model is None:
         model, tokenizer = load_teacher(recipe.model, dtype=torch_dtype(recipe.model_dtype))

@@ -134,8 +134,7 @@ inspect or continue the LoRA with plain peft:
 import json, linearize
 from linearize.config import ConversionConfig
 from peft import PeftModel
-from safetensors.torch import load_file
-
+{"from safetensors.torch import load_file" + chr(10) if conversion_params else ""}
 conversion = ConversionConfig.from_dict(json.load(open("adapter/{CONVERSION_FILE}")))
 base = linearize.convert({recipe.model!r}, conversion)
 {load_params}model = PeftModel.from_pretrained(base, "adapter")
