@@ -50,6 +50,8 @@ def test_two_gloo_processes_take_the_same_steps_as_one(tmp_path):
            "-m", "linearize", "finetune", str(recipe_path), f"output_dir={tmp_path / 'ddp'}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "[rank 0/2] lora step 2/2" in proc.stderr  # the rank prefix only where there are several
+    assert "[RANK" not in proc.stderr and "Removed shared tensor" not in proc.stderr  # accelerate kept quiet
 
     single = finetune(load_recipe(recipe_path, [f"output_dir={tmp_path / 'one'}"]))
     ddp_summary = json.loads((tmp_path / "ddp" / SUMMARY_FILE).read_text())
