@@ -204,7 +204,8 @@ class ConversionConfig:
     """Layer indices kept as the teacher's softmax attention (inter-layer hybrid). Negative indices
     count from the end."""
     chunk_size: int = 64
-    """Chunk length of the chunked PyTorch path (a speed setting; results do not depend on it)."""
+    """Chunk length of the chunked PyTorch path, the one without a GPU (a speed setting: results agree
+    to rounding); the Triton kernels keep their own."""
 
     def __post_init__(self) -> None:
         self.mixer = check_setting("mixer", self.mixer)

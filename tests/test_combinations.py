@@ -13,7 +13,9 @@ from transformers import LlamaModel
 
 import linearize
 from linearize import ConversionConfig
+from linearize import kernels
 from linearize.config import FEATURE_MAPS, GATES, MIXES
+from linearize.kernels import chunked
 from tiny_models import VOCAB, tiny_model
 
 # (normalizer, linear_span, use_window): the branch layouts a config can ask for.
@@ -78,3 +80,25 @@ def test_every_accepted_combination_runs_and_decodes(kwargs):
         for t in range(4, ids.shape[1]):
             steps.append(model(ids[:, t : t + 1], use_cache=True, **{CACHE_KW: cache}).logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_conversion_chunk_size_reaches_the_chunked_kernel(monkeypatch):
+    """ConversionConfig.chunk_size is the chunk length the converted layers' chunked GLA runs with."""
+    seen = []
+
+    def spy(*args, chunk_size=chunked.CHUNK_SIZE, **kwargs):
+        seen.append(chunk_size)
+        return chunked.gated_linear_attention(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(kernels, "chunked_gla", spy)
+    ids = torch.randint(0, VOCAB, (1, 40))
+    logits = {}
+    for size in (8, 64):
+        for mixer in ("liger", "lizard"):  # the fused op and the separate branches
+            seen.clear()
+            model = linearize.convert(copy.deepcopy(TEACHER), ConversionConfig(mixer=mixer, window=4, chunk_size=size))
+            with torch.no_grad():
+                logits[size, mixer] = model(ids).logits
+            assert seen and set(seen) == {size}, (mixer, seen)
+    for mixer in ("liger", "lizard"):  # a speed setting: the results agree to rounding
+        torch.testing.assert_close(logits[8, mixer], logits[64, mixer], atol=1e-5, rtol=1e-5)

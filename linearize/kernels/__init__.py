@@ -13,6 +13,7 @@ This package imports only torch (and Triton, lazily): nothing from transformers.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from functools import lru_cache
@@ -20,6 +21,7 @@ from types import ModuleType
 
 import torch
 
+from .chunked import RECURRENT_MAX_T
 from .chunked import gated_linear_attention as chunked_gla
 from .chunked import sliding_window_attention as chunked_swa
 from .reference import gated_linear_attention_ref, sliding_window_attention_ref
@@ -54,6 +56,13 @@ def resolve_backend(backend: str | None, like: torch.Tensor) -> str:
     return backend
 
 
+def _gla(backend: str, chunk_size: int | None):
+    """The GLA function of ``backend``; ``chunk_size`` goes to the chunked path (the Triton kernels
+    keep their own, the reference has none)."""
+    fn = _op(backend, "gla")
+    return functools.partial(fn, chunk_size=chunk_size) if backend == "chunked" and chunk_size else fn
+
+
 def _op(backend: str, op: str):
     """The function implementing ``op`` ("gla" or "swa") on ``backend``."""
     if backend == "triton":
@@ -77,16 +86,18 @@ def gated_linear_attention(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention ``S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t``, ``o_t = scale·q_t S_t``.
 
     q: [B, T, H, K]; k, g: [B, T, Hkv, K]; v: [B, T, Hkv, V]; initial_state: [N, Hkv, K, V];
     cu_seqlens: [N + 1] (B == 1). Returns o [B, T, H, V] (q.dtype) and the fp32 final state
-    [N, Hkv, K, V] when ``output_final_state``. ``scale`` defaults to K**-0.5.
+    [N, Hkv, K, V] when ``output_final_state``. ``scale`` defaults to K**-0.5. ``chunk_size``: chunk
+    length of the chunked backend (None: ``chunked.CHUNK_SIZE``).
     """
     check_gla_inputs(q, k, v, g, initial_state, cu_seqlens)
-    fn = _op(resolve_backend(backend, q), "gla")
+    fn = _gla(resolve_backend(backend, q), chunk_size)
     return fn(
         q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
@@ -114,7 +125,7 @@ def sliding_window_attention(
     return fn(q, k, v, window=window, scale=scale, key_mask=key_mask, sinks=sinks)
 
 
-__all__ = ["BACKENDS", "gated_linear_attention", "resolve_backend", "sliding_window_attention"]
+__all__ = ["BACKENDS", "RECURRENT_MAX_T", "gated_linear_attention", "resolve_backend", "sliding_window_attention"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,6 +176,7 @@ def fused_liger_attention(
     cu_seqlens: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    chunk_size: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Liger attention ``o = w·SWA(q, k, v) + (1 − w)·GLA(q_lin, k_lin, v, g)``, w = window_weight.
@@ -183,7 +195,7 @@ def fused_liger_attention(
             scale_swa=scale_swa, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens, key_mask=key_mask, sinks=sinks,
         )  # fmt: skip
-    o_lin, final = _op(name, "gla")(
+    o_lin, final = _gla(name, chunk_size)(
         q_lin, k_lin, v, g, scale=scale_lin, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
     )  # fmt: skip

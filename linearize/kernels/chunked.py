@@ -34,7 +34,8 @@ SUB_CHUNK_SIZE = 16
 """Secondary chunk length c inside a chunk (flash-linear-attention's intra-chunk BC = 16)."""
 RECURRENT_MAX_T = 4
 """Sequences this short (decode steps) run the plain recurrence instead of padding to a chunk, and
-the window op one dense score block instead of padded query blocks."""
+the window op one dense score block instead of padded query blocks. The one cut-off: a converted
+layer also advances its cached state with the decode op for steps of at most this many tokens."""
 SWA_BLOCK_SIZE = 64
 """Minimum query block length of the sliding-window op (blocks are at least ``window`` long)."""
 SEGMENT_TOKENS = 512

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 
 from ..cache import HybridCacheLayer, LayerView, LinearInputs, hybrid_layer
 from ..config import ConversionConfig
-from ..kernels import fused_liger_attention, gated_linear_attention, gla_decode_step, sliding_window_attention
+from ..kernels import (
+    RECURRENT_MAX_T,  # steps this short, without gradients, advance the cached state with the decode op
+    fused_liger_attention,
+    gated_linear_attention,
+    gla_decode_step,
+    sliding_window_attention,
+)
 from .parts import HedgehogFeatureMap, apply_rope, key_gate
 
 # Keyword the model's forward pre-hook uses to hand the 2D padding mask [B, past + T] down to the
@@ -29,8 +35,6 @@ DENOMINATOR_EPS = 1e-6
 MASKED_LOGIT = -1e30
 # Smallest total weight when two softmaxes are merged (both empty: a padding query).
 EMPTY_SOFTMAX_EPS = 1e-30
-# Steps of at most this many new tokens, without gradients, advance the state with the decode op.
-DECODE_MAX_TOKENS = 4
 
 
 def merge_softmax(o_a, lse_a, o_b, lse_b):
@@ -142,7 +146,7 @@ class HybridAttention(nn.Module):
                 fq, view.linear.k, view.linear.log_g, q_r, view.k, view.v, window=cfg.window,
                 window_weight=float(cfg.window_weight), scale_lin=1.0, scale_swa=self.scaling,
                 initial_state=view.state, output_final_state=keep_state, key_mask=view.valid,
-                sinks=getattr(self, "sinks", None),
+                sinks=getattr(self, "sinks", None), chunk_size=cfg.chunk_size,
             )  # [B, T, H, D]
         else:
             o_lin, state = self._linear_branch(fq, view, keep_state)  # [B, T, H, V(+1)]
@@ -194,11 +198,11 @@ class HybridAttention(nn.Module):
     def _linear_branch(self, fq, view: LayerView, keep_state: bool):
         """Gated linear attention from the cached state; decode steps advance it in place."""
         k, v, log_g = view.linear
-        if view.state is not None and fq.shape[1] <= DECODE_MAX_TOKENS and not torch.is_grad_enabled():
+        if view.state is not None and fq.shape[1] <= RECURRENT_MAX_T and not torch.is_grad_enabled():
             state = view.state.contiguous()
             return gla_decode_step(fq, k, v, log_g, state, scale=1.0), state
         return gated_linear_attention(fq, k, v, log_g, scale=1.0, initial_state=view.state,
-                                      output_final_state=keep_state)
+                                      output_final_state=keep_state, chunk_size=self.cfg.chunk_size)
 
     def _window_branch(self, q_r, view: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax over the window (with the learned sink logits) and the sink tokens that have left
