@@ -70,10 +70,15 @@ def one_line_error(capsys, verb="eval") -> str:
 
 def test_task_names_are_checked_up_front(monkeypatch):
     monkeypatch.setattr("lm_eval.tasks.TaskManager", FakeTaskManager)
+    for name in environment.OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(runner, "hub_unavailable", lambda: None)  # as if the hub answered
     with pytest.raises(runner.UnknownTaskError, match="unknown task linearize_wikk: offline tasks are linearize_wiki, "):
         runner.check_tasks(["linearize_wikk"])
     with pytest.raises(runner.UnknownTaskError, match="unknown task nosuchtask: not an lm-eval task; offline tasks"):
         runner.check_tasks(["capitals", "nosuchtask"][1:])
+    monkeypatch.setattr(runner, "hub_unavailable", environment.hub_unavailable)
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", None)  # offline: refused before lm-eval's index is needed
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(runner.UnknownTaskError) as err:
         runner.check_tasks(["linearize_offline", "piqa"])

@@ -37,9 +37,9 @@ class UnknownTaskError(ValueError):
 
 
 def check_tasks(tasks, manager=None) -> tuple[list[str], list[str]]:
-    """:func:`split_tasks`, then check every name before any model loads: offline names exist,
-    standard names are known to lm-eval (its task index: ~10 s, only when standard names are given)
-    and the hub their data comes from can be used. Raises :class:`UnknownTaskError` (one line).
+    """:func:`split_tasks`, then check every name before any model loads: offline names exist; for
+    standard names the hub their data comes from can be used, and lm-eval knows them (its task
+    index: ~10 s, only when standard names are given). Raises :class:`UnknownTaskError` (one line).
     ``manager``: an lm-eval ``TaskManager`` to reuse."""
     offline, standard = split_tasks(tasks)
     mistyped = [t for t in standard if t.startswith("linearize_")]
@@ -47,6 +47,11 @@ def check_tasks(tasks, manager=None) -> tuple[list[str], list[str]]:
         raise UnknownTaskError(f"unknown task {', '.join(mistyped)}: {OFFLINE_HINT}")
     if not standard:
         return offline, standard
+    reason = hub_unavailable()  # first: instant with the offline variables, and no index is needed then
+    if reason is not None:
+        raise UnknownTaskError(f"task {', '.join(standard)} is not an offline task, and standard lm-eval tasks "
+                               f"download their data from the Hugging Face Hub, which is {reason}: standard tasks "
+                               f"need hub access; {OFFLINE_HINT}")
     if manager is None:
         from lm_eval.tasks import TaskManager
 
@@ -57,10 +62,6 @@ def check_tasks(tasks, manager=None) -> tuple[list[str], list[str]]:
     if unknown:
         raise UnknownTaskError(f"unknown task {', '.join(unknown)}: not an lm-eval task; {OFFLINE_HINT}; "
                                "standard tasks are lm-eval's names (piqa, arc_easy, hellaswag, mmlu, ...)")
-    reason = hub_unavailable()
-    if reason is not None:
-        raise UnknownTaskError(f"task {', '.join(standard)} downloads its data from the Hugging Face Hub, which is "
-                               f"{reason}: standard tasks need hub access; {OFFLINE_HINT}")
     return offline, standard
 
 
