@@ -12,9 +12,7 @@ it; :func:`recipe_help` turns those strings into the CLI help.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import os
 import textwrap
 import types
@@ -26,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .config import DTYPE_NAMES, ConversionConfig
+from .config import DTYPE_NAMES, ConversionConfig, field_docs  # field_docs: re-exported for the help
 
 DtypeName = Literal[DTYPE_NAMES]  # the one dtype table: linearize.config.DTYPES
 REQUIRED_KEYS = {
@@ -428,27 +426,6 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 # --- help text -----------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=None)
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (and of its dataclass bases)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        body = tree.body[0].body
-        for node, nxt in zip(body, body[1:]):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
-    return docs
 
 
 def _default(f: dataclasses.Field) -> Any:
