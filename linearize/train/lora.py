@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +37,12 @@ def peft_config(cfg: LoraConfig) -> PeftLoraConfig:
                           bias="none", task_type="CAUSAL_LM")
 
 
+def _get_peft_model(model: nn.Module, cfg: LoraConfig):
+    with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecated, on every call
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_config(cfg))
+
+
 class Lora:
     """The LoRA :class:`~linearize.train.loop.Stage`. ``prepared`` is the accelerate-wrapped model."""
 
@@ -46,7 +53,7 @@ class Lora:
         self.cfg: LoraConfig = run.recipe.lora
         st = run.state.stages[self.name]
         extra = list(conversion_parameters(model)) if self.cfg.train_conversion_parameters else []
-        self.peft_model = get_peft_model(model, peft_config(self.cfg))
+        self.peft_model = _get_peft_model(model, self.cfg)
         for _, p in extra:
             p.requires_grad_(True)
         if self.tc.gradient_checkpointing:
@@ -111,7 +118,7 @@ def rebuild_peft_model(model_cls: type, config, dtype: torch.dtype, lora: LoraCo
                        full_state: dict[str, torch.Tensor]):
     """A CPU copy of a trained peft model from its class, config and a gathered state dict (FSDP)."""
     model = model_cls._from_config(copy.deepcopy(config), dtype=dtype)
-    peft_model = get_peft_model(model, peft_config(lora))
+    peft_model = _get_peft_model(model, lora)
     peft_model.load_state_dict(full_state, strict=True)
     return peft_model
 
