@@ -80,6 +80,7 @@ def test_rehearsal_step_files_hold_measurements(rehearsal):
     ft = step["finetune"]
     assert ft["optimizer_steps"] == 2 and all(math.isfinite(x) for x in ft["losses"])
     assert ft["kernel_backend"] == "chunked" and ft["peak_memory_bytes"] > 0
+    assert ft["steady_steps"] == 1 and ft["tokens_per_s_steady"] > 0 and ft["tokens_per_s_all_steps"] > 0
 
 
 def test_rehearsal_markdown_table_and_progress_lines(rehearsal):
@@ -89,6 +90,7 @@ def test_rehearsal_markdown_table_and_progress_lines(rehearsal):
     assert "| step | status | seconds (budget) | detail |" in md
     for name in summary_mod.STEP_ORDER:
         assert re.search(rf"^\| {name} \| ok \| [0-9.]+ \([0-9]+\) \|", md, re.M), name
+    assert "## Model bench" in md and "## Finetune" in md and "tokens/s" in md
     assert "| target | measured | verdict |" in md and md.count(summary_mod.REHEARSAL) == len(summary_mod.TARGETS)
     for name in summary_mod.STEP_ORDER:  # progress lines, then the table
         assert f"] {name}: started" in proc.stdout and f"] {name}: ok" in proc.stdout
@@ -97,18 +99,19 @@ def test_rehearsal_markdown_table_and_progress_lines(rehearsal):
     assert "===== finetune =====" in log and "pytest" in log
 
 
-def test_a_second_run_refuses_the_folder_without_overwrite(rehearsal):
+def test_a_second_run_refuses_the_folder_without_overwrite(rehearsal, capsys):
     out, _ = rehearsal
-    proc = run_script("--cpu-rehearsal", "--out", str(out), "--steps", "kernels", timeout=120)
-    assert proc.returncode == 2 and "already holds" in proc.stderr and "--overwrite" in proc.stderr
+    assert gpu_check.main(["--cpu-rehearsal", "--out", str(out), "--steps", "kernels"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds" in err and "--overwrite" in err
     assert json.loads((out / "summary.json").read_text())["complete"] is True  # untouched
 
 
-def test_a_step_out_of_time_is_a_result_and_the_run_goes_on(tmp_path):
+def test_a_step_out_of_time_is_a_result_and_the_run_goes_on(tmp_path, capsys):
     out = tmp_path / "results"
-    proc = run_script("--cpu-rehearsal", "--out", str(out), "--steps", "kernels", "decode_kernels",
-                      "--budget", "kernels=0.5", "--budget", "decode_kernels=0.5", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    argv = ["--cpu-rehearsal", "--out", str(out), "--steps", "kernels", "decode_kernels",
+            "--budget", "kernels=0.5", "--budget", "decode_kernels=0.5"]
+    assert gpu_check.main(argv) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"]["kernels"]["status"] == "failed"
     assert s["steps"]["kernels"]["reason"].startswith("timed out after its 0.5 s budget")
@@ -116,6 +119,11 @@ def test_a_step_out_of_time_is_a_result_and_the_run_goes_on(tmp_path):
     for name in ("pytest_gpu", "model_bench", "finetune"):
         assert s["steps"][name] == {"status": "skipped", "reason": "not in --steps"}
     assert "| kernels | failed |" in (out / "summary.md").read_text()
+    assert "kernels: failed: timed out" in capsys.readouterr().out
+    # asked again with --overwrite, the folder is replaced
+    assert gpu_check.main([*argv[:3], "--overwrite", "--steps", "pytest_gpu", "--budget", "pytest_gpu=0.5"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"]["kernels"]["status"] == "skipped" and not (out / "kernels.json").exists()
 
 
 def test_without_a_gpu_the_gpu_run_refuses(capsys):
