@@ -95,18 +95,19 @@ def check_stages(recipe: Recipe, model: nn.Module) -> None:
 
 
 def _on_main(acc: Accelerator, fn):
-    """Run ``fn`` on the main process; a LinearizeError there is raised on every process."""
-    error, value = None, None
+    """Run ``fn`` on the main process; if it raises, every process raises (none waits forever)."""
+    error, value, failure = None, None, None
     if acc.is_main_process:
         try:
             value = fn()
-        except LinearizeError as err:
-            error = f"{type(err).__name__}\0{err}"
+        except Exception as err:
+            failure, error = err, str(err)
     if acc.num_processes > 1:
         error = broadcast_object_list([error])[0]
+    if failure is not None:
+        raise failure
     if error is not None:
-        kind, _, message = error.partition("\0")
-        raise (OutputError if kind == "OutputError" else LinearizeError)(message)
+        raise LinearizeError(f"the main process failed: {error}")
     return value
 
 
