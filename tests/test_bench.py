@@ -130,6 +130,14 @@ def test_output_and_pair_are_checked_before_measuring(folders, tmp_path, capsys,
     mine.write_text('{"my": "data"}')
     assert cli.main(base + ["--out", str(mine)]) == 2
     assert "is not a bench report" in _one_line(capsys) and mine.read_text() == '{"my": "data"}'
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in converted_dir.iterdir():
+        if f.is_file():
+            (broken / f.name).write_bytes(f.read_bytes()[: 100 if f.name == "model.safetensors" else None])
+    assert cli.main(["bench", str(broken), "--teacher", str(teacher_dir), "--device", "cpu", "--out",
+                     str(tmp_path / "r.json")]) == 2
+    assert "model.safetensors is truncated" in _one_line(capsys)
     monkeypatch.chdir(tmp_path)  # the default bench.json in the current folder is checked the same way
     (tmp_path / "bench.json").write_text("[1, 2]")
     assert cli.main(base) == 2

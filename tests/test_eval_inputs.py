@@ -204,3 +204,15 @@ def test_eval_run_reports_progress_and_writes_a_relocated_task_folder(student_di
 
         with FolderLock(out):
             recovery.run_recovery(student_dir, teacher_dir, [CAPITALS], out_dir=out, limit=1)
+
+
+def test_truncated_checkpoint_is_refused_before_loading(student_dir, tmp_path, capsys, no_model_loads):
+    import os
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(student_dir, broken)
+    weights = broken / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 10)
+    assert cli.main(["eval", str(broken), "--tasks", CAPITALS]) == 2
+    assert "model.safetensors is truncated" in one_line_error(capsys)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from linearize.checkpoint_files import CONFIG_FILE
+from linearize.checkpoint_files import CONFIG_FILE, verify_checkpoint_files
 from linearize.config import DTYPES
 from linearize.errors import LinearizeError
 
@@ -70,6 +70,7 @@ def load_pair(converted_dir: str | os.PathLike, teacher: str | os.PathLike | Non
     if not (Path(converted_dir) / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{converted_dir} is not a converted checkpoint folder (no {CONFIG_FILE}; make one "
                                 "with `linearize convert`)")
+    verify_checkpoint_files(converted_dir)  # a truncated copy fails here, not after loading the teacher
     converted_config = _read_config(Path(converted_dir))
     dtype = DTYPES[cfg.dtype]
     teacher_model = load_model(teacher, dtype=dtype, device=cfg.device)

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from linearize.checkpoint_files import CONFIG_FILE, EVAL_REPORT_KIND
+from linearize.checkpoint_files import CONFIG_FILE, EVAL_REPORT_KIND, verify_checkpoint_files
 from linearize.environment import check_device
 from linearize.outputs import atomic_folder
 
@@ -54,7 +54,7 @@ def _teacher_cache_path(folder: str | Path | None, teacher: str, dtype: torch.dt
 
 def check_recovery_inputs(student: str | Path, teacher: str | None, tasks, out_dir, device: str):
     """Everything :func:`run_recovery` can check in seconds, before loading a model: the eval
-    extra is installed, the device exists, the checkpoint folder has a config, the task names are
+    extra is installed, the device exists, the checkpoint's files are whole, the task names are
     known (and the hub usable for standard ones), the report folder may be written.
     Returns ``(offline, standard, report_dir)``."""
     require_eval_dependencies()
@@ -62,6 +62,7 @@ def check_recovery_inputs(student: str | Path, teacher: str | None, tasks, out_d
     student = Path(student)
     if not (student / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{student} is not a checkpoint folder (no config.json); pass a converted folder")
+    verify_checkpoint_files(student)
     offline, standard = check_tasks(tasks)
     out = check_report_dir(out_dir, student, sources=[teacher] if teacher is not None else ())
     return offline, standard, out
