@@ -167,8 +167,9 @@ class ConversionConfig:
     """Decay gate: ``gla``, ``hgrn2``, ``mamba2``, ``rwkv6`` or ``scalar`` come from the key itself (no
     new parameters), ``learned`` is Lizard's. ``gla``: log α = logsigmoid(k)/τ per key dimension;
     ``hgrn2`` the same gate with key' = 1 − α (per feature: with Hedgehog's 2D features the gate, as
-    every per-dimension gate, repeats over both halves, and so does key'); ``mamba2`` log α = −softplus(k)/τ; ``rwkv6`` log α = −exp(k)/τ; ``scalar`` k pooled over the head dimension first. ``learned``:
-    Lizard's γ = σ(W_γ x), a scalar per token and key/value head."""
+    every per-dimension gate, repeats over both halves, and so does key'); ``mamba2`` log α =
+    −softplus(k)/τ; ``rwkv6`` log α = −exp(k)/τ; ``scalar`` k pooled over the head dimension first.
+    ``learned``: Lizard's γ = σ(W_γ x), a scalar per token and key/value head."""
     gate_logit_normalizer: float | None = None
     """τ, divides the gate's log decay (Liger: 16). Larger τ means slower forgetting."""
     feature_map: str | None = None
@@ -330,8 +331,10 @@ def conversion_arguments() -> list[tuple[str, dict[str, Any]]]:
         if default is None:
             per_mixer = ", ".join(f"{m} {d[name]}" for m, d in MIXER_DEFAULTS.items() if m != "softmax")
             help_ += f" (default: the mixer's; {per_mixer})"
+        elif s.kind is list:
+            help_ += f" (default: {','.join(map(str, default)) or 'none'})"
         elif s.kind is not bool:
-            help_ += f" (default: {','.join(map(str, default)) or 'none'})" if s.kind is list else f" (default: {default})"
+            help_ += f" (default: {default})"
         kwargs: dict[str, Any] = dict(dest=name, default=default)
         if s.kind is bool:
             kwargs.update(action="store_false", help=f"sets {name}=False. {help_}")

@@ -135,7 +135,7 @@ class HybridAttention(nn.Module):
         valid = self._new_key_valid(padding_mask, B, T, x.device)  # [B, T] bool
         fq, linear = self._linear_inputs(x, q, k, v, valid)
         q_r = k_r = None
-        if cfg.use_window:
+        if cfg.use_window:  # after the linear inputs: the order of q's and k's uses fixes how their gradients sum
             cos, sin = position_embeddings
             q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         layer = self._new_cache_layer() if cache is None else hybrid_layer(cache, self.layer_idx, self._new_cache_layer)
