@@ -151,3 +151,17 @@ def test_adapter_is_written_atomically_and_a_resume_finishes_the_outputs(tmp_pat
     with torch.no_grad():
         assert_close_rms(result.model(input_ids=ids).logits, straight.model(input_ids=ids).logits, torch.float32,
                          "outputs finished on resume vs an uninterrupted run")
+
+
+def test_a_run_folder_from_before_markers_is_still_ours(tmp_path):
+    out = tmp_path / "old-run"  # as linearize wrote run folders before they carried a marker
+    (out / "checkpoints" / "step-0000002").mkdir(parents=True)
+    (out / "checkpoints" / "step-0000002" / "trainer_state.json").write_text("{}")
+    (out / RECIPE_FILE).write_text("model: tiny\n")
+    with pytest.raises(ResumeError, match="holds checkpoints of an earlier run: resume it"):
+        _run(tiny_recipe(tmp_path, "old-run"))
+    assert written_by_linearize(out) == "finetune-run"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / RECIPE_FILE).write_text("x: 1\n")  # a recipe alone is not a run
+    with pytest.raises(OutputError, match="files linearize did not write"):
+        _run(tiny_recipe(tmp_path, "other"))

@@ -111,8 +111,16 @@ def _on_main(acc: Accelerator, fn):
     return value
 
 
+def _run_before_markers(out: Path) -> bool:
+    """A run folder written before output folders carried a marker: recipe.yaml + checkpoints/summary."""
+    return (out.is_dir() and not written_by_linearize(out) and (out / RECIPE_FILE).is_file()
+            and ((out / CHECKPOINT_DIR).is_dir() or (out / SUMMARY_FILE).is_file()))
+
+
 def _claim_output_dir(out: Path) -> FolderLock:
     """Refuse a folder that is not a finetune run of ours; lock it for this run; mark it ours."""
+    if _run_before_markers(out):
+        write_marker(out, RUN_KIND)
     check_output_dir(out, what="finetune run", flag="output_dir", allow_existing_ours=True)
     kind = written_by_linearize(out) if out.is_dir() and any(out.iterdir()) else None
     if kind not in (None, RUN_KIND):
