@@ -1,5 +1,6 @@
-"""Fault injection: kill a verb with SIGKILL at seeded pseudo-random moments and check that nothing
-valid-looking is left half-done, and that the next run completes as if nothing had happened."""
+"""Fault injection for finetune (convert's is in test_fault_injection_convert.py): kill it with
+SIGKILL at seeded pseudo-random moments and check that nothing valid-looking is left half-done, and
+that the resumed run completes as if nothing had happened."""
 
 from __future__ import annotations
 
