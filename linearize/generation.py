@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 
 import torch
 from transformers import TextIteratorStreamer
+
+
+def check_generation_settings(prompt: str, *, max_new_tokens: int, temperature: float, top_p: float,
+                              num_beams: int) -> None:
+    """Refuse, before any model is loaded, settings ``generate_stream`` cannot use: a ``ValueError``
+    "name=value: what is allowed"."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt={prompt!r}: must be non-empty text to continue")
+    for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 (0 decodes greedily)")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r}: must be a number in (0, 1]")
 
 
 def generate_stream(
@@ -23,8 +39,8 @@ def generate_stream(
     """Yield decoded text pieces as they are generated. ``temperature == 0`` decodes greedily."""
     from .sources import load_teacher
 
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_generation_settings(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              num_beams=num_beams)
     model, tokenizer = load_teacher(source)
     model.eval()
     if chat:
