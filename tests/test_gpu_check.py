@@ -57,7 +57,7 @@ def test_rehearsal_summary_json_has_every_step_ok_and_every_target(rehearsal):
         assert step["status"] == "ok", (name, step)
         assert 0 < step["seconds"] <= step["budget_s"]
     assert s["steps"]["pytest_gpu"]["passed"] >= 1 and s["steps"]["pytest_gpu"]["failed"] == 0
-    assert [t["id"] for t in s["targets"]] == [t[0] for t in summary_mod.TARGETS]
+    assert [t["id"] for t in s["targets"]] == [t[0] for t in summary_mod.TARGETS + summary_mod.MODEL_ROWS]
     assert all(t["verdict"] == summary_mod.REHEARSAL for t in s["targets"])  # rehearsal timings are never judged
 
 
@@ -91,9 +91,9 @@ def test_rehearsal_markdown_table_and_progress_lines(rehearsal):
     for name in summary_mod.STEP_ORDER:
         assert re.search(rf"^\| {name} \| ok \| [0-9.]+ \([0-9]+\) \|", md, re.M), name
     assert "## Model bench" in md and "## Finetune" in md and "tokens/s" in md
-    assert "| target | measured | verdict |" in md and md.count(summary_mod.REHEARSAL) == len(summary_mod.TARGETS)
+    assert "| target | measured | verdict |" in md and md.count(summary_mod.REHEARSAL) == len(summary_mod.TARGETS + summary_mod.MODEL_ROWS)
     for name in summary_mod.STEP_ORDER:  # progress lines, then the table
-        assert f"] {name}: started" in proc.stdout and f"] {name}: ok" in proc.stdout
+        assert f"] {name}: started" in proc.stdout and f"] {name}: ok (" in proc.stdout
     assert proc.stdout.rstrip().endswith(md.rstrip())
     log = (out / "log.txt").read_text()
     assert "===== finetune =====" in log and "pytest" in log
@@ -171,6 +171,19 @@ def test_targets_pass_fail_and_not_measured():
     assert summary_mod.judge({"mode": "gpu", "steps": {}}, None)[0]["verdict"] == "not measured: the kernels step did not run"
 
 
+def test_model_level_rows_from_the_bench():
+    def row(context, prefill, decode, status="ok"):
+        return {"context": context, "status": status, "prefill_s": prefill, "decode_ms_per_token": decode}
+
+    bench = {"results": {"teacher": [row(2048, 1, 1), row(4096, 2, 10), row(8192, 4, 20, "exceeds model limit")],
+                         "converted": [row(2048, 2, 2), row(4096, 1, 12), row(8192, 1, 5)]}}
+    got = {t["id"]: t for t in summary_mod.judge_model(fake_summary(), bench)}
+    assert got["model_prefill"]["ratios"] == {"4096": 2.0} and got["model_prefill"]["verdict"] == "pass"
+    assert got["model_decode"]["verdict"] == "fail"  # 10 / 12 < 1
+    none = summary_mod.judge_model(fake_summary(), None)
+    assert all(t["verdict"].startswith("not measured") for t in none)
+
+
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
 <testcase classname="tests.test_kernels_triton" name="test_a[cuda]"/>
 <testcase classname="tests.test_kernels_triton" name="test_b[cuda]"><failure message="AssertionError: o: relative RMS error 0.1">x</failure></testcase>
@@ -192,6 +205,12 @@ def test_pytest_result_from_junit(tmp_path):
     assert r["status"] == "failed" and r["reason"] == "no test ran (1 skipped: needs a CUDA device)"
     r = summary_mod.pytest_result(tmp_path / "missing.xml", None, 150, rehearsal=False)
     assert r["reason"] == "timed out after its 150 s budget"
+    verbose = ("tests/test_k.py::test_a[cuda] PASSED  [ 5%]\n"
+               "[gw1] [ 10%] FAILED tests/test_k.py::test_b[cuda-dtype1] \n"
+               "[gw0] [ 15%] PASSED tests/test_k.py::test_c[cuda]\n")
+    r = summary_mod.pytest_result(tmp_path / "missing.xml", None, 150, rehearsal=False, output=verbose)
+    assert r["reason"] == "timed out after its 150 s budget (2 passed, 1 failed before that)"
+    assert r["failed_tests"] == ["tests/test_k.py::test_b[cuda-dtype1]"]
 
 
 def make_wheel(path: Path, package: str, top_level: bool = True) -> Path:
@@ -227,6 +246,10 @@ def test_gpu_tests_are_found_and_run_compiled():
     assert "tests/test_kernels_triton.py" in files and "tests/test_gpu_check.py" not in files
     cmd = gpu_check.pytest_command(False, Path("/x.xml"))
     assert " -m gpu " in " ".join(cmd) and "-k" not in cmd
+    import importlib.util
+
+    assert ("-n" in cmd) == (importlib.util.find_spec("xdist") is not None)  # parallel compiles where it can
+    assert "-n" not in gpu_check.pytest_command(True, Path("/x.xml"))
     assert gpu_check.step_env(False, Path("/w"))["TRITON_INTERPRET"] == "0"  # conftest would default it to 1
     assert gpu_check.step_env(True, Path("/w"))["TRITON_INTERPRET"] == "1"
 
