@@ -145,14 +145,37 @@ def cpu_measure(fn, backward: bool, warmup: int, rep: int) -> tuple[float, float
 
 
 def probe_fla() -> dict:
-    """Whether fla's ``chunk_gla`` imports (from an installed or carried fla-core wheel)."""
+    """Whether fla's ``chunk_gla`` imports (from an installed or carried fla-core wheel).
+
+    ``fla/ops/__init__.py`` imports every op, and one that breaks with this Triton (fla 0.5.2 with
+    triton 3.9: an autotune key that is not a kernel argument) stops them all; so when the package
+    import fails, ``fla.ops`` is stood in by an empty package and only ``fla.ops.gla`` is imported.
+    """
+    import types
+
     try:
         from fla.ops.gla import chunk_gla  # noqa: F401
-    except Exception as err:  # any import failure (missing, or broken with this triton) skips the comparison
-        return {"importable": False, "reason": one_line(err)}
+
+        route = "fla.ops"
+    except Exception as err:  # any failure here (missing, or broken with this triton) is a result
+        first = one_line(err)
+        for name in [m for m in sys.modules if m == "fla.ops" or m.startswith("fla.ops.")]:
+            del sys.modules[name]
+        try:
+            import fla
+
+            stand_in = types.ModuleType("fla.ops")
+            stand_in.__path__ = [str(Path(fla.__file__).parent / "ops")]
+            sys.modules["fla.ops"] = stand_in
+            from fla.ops.gla import chunk_gla  # noqa: F401, F811
+        except Exception as err2:
+            sys.modules.pop("fla.ops", None)
+            return {"importable": False, "reason": f"{first}; fla.ops.gla alone: {one_line(err2)}"}
+        route = f"fla.ops.gla alone (the package import failed: {first})"
     import fla
 
-    return {"importable": True, "version": getattr(fla, "__version__", None), "path": str(Path(fla.__file__).parent)}
+    return {"importable": True, "version": getattr(fla, "__version__", None), "route": route,
+            "path": str(Path(fla.__file__).parent)}
 
 
 def kernels(ctx: Context) -> dict:

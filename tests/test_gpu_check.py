@@ -241,6 +241,34 @@ def test_carried_wheels_are_unpacked_unless_installed(tmp_path, monkeypatch):
     assert gpu_check.find_wheels(args)[0] == fresh and len(gpu_check.find_wheels(args)) == 4
 
 
+def test_fla_probe_imports_gla_alone_when_the_ops_package_breaks(tmp_path, monkeypatch):
+    from benchmarks.gpu_check_steps import probe_fla
+
+    site = tmp_path / "site"
+    (site / "fla" / "ops" / "gla").mkdir(parents=True)
+    (site / "fla" / "__init__.py").write_text("__version__ = '0.0-test'\n")
+    (site / "fla" / "ops" / "__init__.py").write_text("raise ValueError('key contains names that are not kernel arguments: BT')\n")
+    (site / "fla" / "ops" / "gla" / "__init__.py").write_text("def chunk_gla(*a, **k):\n    return 'gla'\n")
+    monkeypatch.syspath_prepend(str(site))
+    try:
+        got = probe_fla()
+        from fla.ops.gla import chunk_gla  # what bench_kernels.build_ops imports next
+
+        assert chunk_gla() == "gla"
+    finally:
+        for name in [m for m in sys.modules if m == "fla" or m.startswith("fla.")]:
+            del sys.modules[name]
+    assert got["importable"] and got["version"] == "0.0-test"
+    assert got["route"].startswith("fla.ops.gla alone (the package import failed: ValueError: key contains")
+    (site / "fla" / "ops" / "gla" / "__init__.py").write_text("import einops_not_here\n")
+    try:
+        got = probe_fla()
+    finally:
+        for name in [m for m in sys.modules if m == "fla" or m.startswith("fla.")]:
+            del sys.modules[name]
+    assert not got["importable"] and "No module named 'einops_not_here'" in got["reason"]
+
+
 def test_gpu_tests_are_found_and_run_compiled():
     files = gpu_check.gpu_test_files()
     assert "tests/test_kernels_triton.py" in files and "tests/test_gpu_check.py" not in files
