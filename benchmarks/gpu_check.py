@@ -57,13 +57,13 @@ MIN_STEP_S = 10.0  # a step is skipped when less than this is left of the time l
 STEP_FILES = {"kernels": "kernels.json", "decode_kernels": "decode_kernels.json", "model_bench": "model_bench.json",
               "finetune": "finetune.json"}
 GPU_TEST_MARK = "pytest.mark.gpu"
-REHEARSAL_TESTS = "decode_step_matches_reference"
-PYTEST_WORKERS = 4  # the GPU machine has 16 cores; the kernel tests are small enough to share one GPU  # interpreter tests the rehearsal runs through pytest
+REHEARSAL_TESTS = "decode_step_matches_reference"  # interpreter tests the rehearsal runs through pytest
+PYTEST_WORKERS = 4  # the GPU machine has 16 cores; the kernel tests are small enough to share one GPU
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default: benchmarks/results/gpu/<date>-<gpu name>)")
     p.add_argument("--overwrite", action="store_true", help="replace a results folder this script wrote before")
@@ -149,7 +149,8 @@ def find_wheels(args) -> list[Path]:
 
 def gpu_test_files() -> list[str]:
     """Test files holding ``@pytest.mark.gpu`` tests (today tests/test_kernels_triton.py)."""
-    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py") if GPU_TEST_MARK in p.read_text())
+    files = (REPO / "tests").glob("test_*.py")
+    return sorted(str(p.relative_to(REPO)) for p in files if GPU_TEST_MARK in p.read_text())
 
 
 def pytest_command(rehearsal: bool, junit: Path) -> list[str]:

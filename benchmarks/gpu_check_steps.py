@@ -62,7 +62,8 @@ BENCH_LAYERS = {"gpu": 30, "cpu": 2}
 # The rehearsal trains 4 tiny layers (keeping layer 1 as softmax instead of the recipe's 7..23) in
 # fp32: bf16 autocast on a CPU only slows the chunked path down and proves nothing about Triton.
 FINETUNE = {"gpu": dict(steps=20, seq_len=2048, precision="bf16", layers=30, overrides=[]),
-            "cpu": dict(steps=2, seq_len=64, precision="fp32", layers=4, overrides=["conversion.keep_softmax_layers=[1]"])}
+            "cpu": dict(steps=2, seq_len=64, precision="fp32", layers=4,
+                        overrides=["conversion.keep_softmax_layers=[1]"])}
 WARMUP_STEPS = {"gpu": 2, "cpu": 0}  # optimiser steps left out of the steady tokens/s (compilation, autotuning)
 
 
@@ -358,7 +359,8 @@ def finetune(ctx: Context) -> dict:
     data.write_text(offline_text(2 * size["steps"] * size["seq_len"]))  # bytes = tokens: 2x what the steps read
     overrides = [
         "stages=[lora]", f"lora.max_steps={size['steps']}", f"data.seq_len={size['seq_len']}",
-        f"data.source={data}", "data.validation_split=null", f"train.precision={size['precision']}", "train.save_every=0",
+        f"data.source={data}", "data.validation_split=null", f"train.precision={size['precision']}",
+        "train.save_every=0",
         "train.tensorboard=false", f"output_dir={work / 'run'}", *size["overrides"],
     ]
     recipe = load_recipe(DEFAULT_RECIPE, overrides)
@@ -386,8 +388,10 @@ def finetune(ctx: Context) -> dict:
     warmup = WARMUP_STEPS[ctx.size]
     steady = len(stamps) - 1 - warmup  # the steps between the warm-up's last callback and the last one
     out = {
-        "recipe": str(DEFAULT_RECIPE.relative_to(REPO)), "overrides": overrides, "conversion": recipe.to_dict()["conversion"],
-        "model": "SmolLM2-135M shape, random weights" if not ctx.rehearsal else f"tiny {size['layers']}-layer Llama, random weights",
+        "recipe": str(DEFAULT_RECIPE.relative_to(REPO)), "overrides": overrides,
+        "conversion": recipe.to_dict()["conversion"],
+        "model": f"{'tiny Llama' if ctx.rehearsal else 'SmolLM2-135M shape'}, {size['layers']} layers, "
+                 "random weights",
         "tokenizer": "byte-level (257 ids): speed only", "device": str(device),
         "kernel_backend": kernels.resolve_backend(None, torch.empty(0, device=device)),
         "optimizer_steps": len(stamps), "tokens_per_step": tokens_per_step, "wall_s": wall,

@@ -138,7 +138,8 @@ def judge(summary: dict, kernels: dict | None) -> list[dict]:
         ratios = {T: kernels.get("summary", {}).get(str(T), {}).get(key) for T in wanted}
         ratios = {T: v for T, v in ratios.items() if v is not None}
         met = {T: (v > threshold if threshold == 1.0 else v >= threshold) for T, v in ratios.items()}
-        row = {"id": target_id, "target": text, "threshold": threshold, "ratios": {str(T): v for T, v in ratios.items()},
+        row = {"id": target_id, "target": text, "threshold": threshold,
+               "ratios": {str(T): v for T, v in ratios.items()},
                "measured": ", ".join(f"T={T}: {v:.2f}x" for T, v in ratios.items()) or "-"}
         fla = kernels.get("fla") or {}
         if rehearsal:
@@ -163,7 +164,8 @@ def judge(summary: dict, kernels: dict | None) -> list[dict]:
 MODEL_ROWS = (  # the same question at model level, from model_bench.json (informational: not issue 3's wording)
     ("model_prefill", "converted model prefill faster than the teacher's from 4K, batch 1 (model level, informational)",
      "prefill_s"),
-    ("model_decode", "converted model decode ms/token below the teacher's from 4K, batch 1 (model level, informational)",
+    ("model_decode",
+     "converted model decode ms/token below the teacher's from 4K, batch 1 (model level, informational)",
      "decode_ms_per_token"),
 )
 

@@ -91,7 +91,8 @@ def test_rehearsal_markdown_table_and_progress_lines(rehearsal):
     for name in summary_mod.STEP_ORDER:
         assert re.search(rf"^\| {name} \| ok \| [0-9.]+ \([0-9]+\) \|", md, re.M), name
     assert "## Model bench" in md and "## Finetune" in md and "tokens/s" in md
-    assert "| target | measured | verdict |" in md and md.count(summary_mod.REHEARSAL) == len(summary_mod.TARGETS + summary_mod.MODEL_ROWS)
+    assert "| target | measured | verdict |" in md
+    assert md.count(summary_mod.REHEARSAL) == len(summary_mod.TARGETS + summary_mod.MODEL_ROWS)
     for name in summary_mod.STEP_ORDER:  # progress lines, then the table
         assert f"] {name}: started" in proc.stdout and f"] {name}: ok (" in proc.stdout
     assert proc.stdout.rstrip().endswith(md.rstrip())
@@ -156,7 +157,8 @@ def verdicts(targets):
 
 def test_targets_pass_fail_and_not_measured():
     all_t = lambda v: {2048: v, 8192: v, 32768: v}  # noqa: E731
-    data = kernels_data(gla_vs_fla_chunk_gla_fwdbwd=all_t(1.3), fused_vs_unfused_fwdbwd={2048: 1.6, 8192: 1.4, 32768: 2},
+    data = kernels_data(gla_vs_fla_chunk_gla_fwdbwd=all_t(1.3),
+                        fused_vs_unfused_fwdbwd={2048: 1.6, 8192: 1.4, 32768: 2},
                         fused_vs_sdpa_fwd={2048: 0.5, 8192: 1.1, 32768: 3.0}, fused_vs_sdpa_fwdbwd={8192: 1.2})
     got = verdicts(summary_mod.judge(fake_summary(), data))
     assert got["gla_vs_fla"] == "pass"
@@ -168,7 +170,8 @@ def test_targets_pass_fail_and_not_measured():
     assert set(verdicts(summary_mod.judge(fake_summary("cpu-rehearsal"), data)).values()) == {summary_mod.REHEARSAL}
     skipped = verdicts(summary_mod.judge(fake_summary(kernels_status="skipped"), None))
     assert all(v.startswith("not measured: the kernels step was skipped") for v in skipped.values())
-    assert summary_mod.judge({"mode": "gpu", "steps": {}}, None)[0]["verdict"] == "not measured: the kernels step did not run"
+    never = summary_mod.judge({"mode": "gpu", "steps": {}}, None)
+    assert never[0]["verdict"] == "not measured: the kernels step did not run"
 
 
 def test_model_level_rows_from_the_bench():
@@ -186,7 +189,8 @@ def test_model_level_rows_from_the_bench():
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
 <testcase classname="tests.test_kernels_triton" name="test_a[cuda]"/>
-<testcase classname="tests.test_kernels_triton" name="test_b[cuda]"><failure message="AssertionError: o: relative RMS error 0.1">x</failure></testcase>
+<testcase classname="tests.test_kernels_triton" name="test_b[cuda]">
+<failure message="AssertionError: o: relative RMS error 0.1">x</failure></testcase>
 <testcase classname="tests.test_kernels_triton" name="test_c[cuda]"><skipped message="needs a CUDA device"/></testcase>
 </testsuite></testsuites>"""
 
@@ -247,7 +251,8 @@ def test_fla_probe_imports_gla_alone_when_the_ops_package_breaks(tmp_path, monke
     site = tmp_path / "site"
     (site / "fla" / "ops" / "gla").mkdir(parents=True)
     (site / "fla" / "__init__.py").write_text("__version__ = '0.0-test'\n")
-    (site / "fla" / "ops" / "__init__.py").write_text("raise ValueError('key contains names that are not kernel arguments: BT')\n")
+    broken = "raise ValueError('key contains names that are not kernel arguments: BT')\n"
+    (site / "fla" / "ops" / "__init__.py").write_text(broken)
     (site / "fla" / "ops" / "gla" / "__init__.py").write_text("def chunk_gla(*a, **k):\n    return 'gla'\n")
     monkeypatch.syspath_prepend(str(site))
     try:
