@@ -117,11 +117,12 @@ def convert_to_folder(source, out_dir, config: ConversionConfig | None = None, d
     The output folder is checked (:func:`linearize.outputs.check_output_dir`) before the teacher is
     loaded, so a refused ``out_dir`` costs no time.
     """
-    from .sources import load_teacher, resolve_source
+    from .sources import load_config, load_teacher, resolve_source
 
     torch_dtype_ = torch_dtype(dtype)
     resolved = resolve_source(source)
     check_output_dir(out_dir, what="converted checkpoint", overwrite=overwrite, sources=[resolved.path])
+    check_conversion(load_config(resolved), config or ConversionConfig())  # seconds, before the weights
     model, tokenizer = load_teacher(resolved, dtype=torch_dtype_)
     model = convert(model, config)
     return save_converted(model, out_dir, tokenizer, overwrite=overwrite)

@@ -27,8 +27,9 @@ from tiny_tokenizer import byte_tokenizer
 CHILD = textwrap.dedent('''
     import os, signal, sys
     from pathlib import Path
+    import importlib
     import linearize
-    conv = sys.modules["linearize.convert"]  # (the package attribute `convert` is the function)
+    conv = importlib.import_module("linearize.convert")  # (the package attribute `convert` is the function)
     
     teacher, out, window, point = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 

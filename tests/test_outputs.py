@@ -214,3 +214,18 @@ def test_save_converted_carries_the_tokenizer_of_the_source(teacher_dir, tmp_pat
     assert (out / "tokenizer.json").is_file()
     pieces = list(linearize.generate_stream(str(out), "ab", max_new_tokens=2))
     assert pieces
+
+
+def test_convert_checks_the_settings_against_the_model_before_loading_weights(teacher_dir, tmp_path, monkeypatch):
+    """Issue 17 item 10: a window longer than the context, or a kept layer the model lacks, is refused
+    from the config alone, before the weights load."""
+    import linearize.sources as sources
+
+    def no_weights(*_, **__):
+        raise AssertionError("the weights were loaded before the settings were checked")
+
+    monkeypatch.setattr(sources, "load_teacher", no_weights)
+    for config in (linearize.ConversionConfig(window=10_000), linearize.ConversionConfig(keep_softmax_layers=[7])):
+        with pytest.raises(ValueError, match="max_position_embeddings|not a layer"):
+            linearize.convert_to_folder(str(teacher_dir), tmp_path / "conv", config)
+    assert not (tmp_path / "conv").exists()

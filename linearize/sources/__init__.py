@@ -26,7 +26,7 @@ from .checks import check_config, check_gguf_file, check_weights, raised_reading
 from .packaged import PACKAGED_MODELS, PackagedModel, cache_dir
 
 __all__ = [
-    "DEFAULT_MODEL", "PACKAGED_MODELS", "PackagedModel", "ResolvedSource", "cache_dir", "load_model",
+    "DEFAULT_MODEL", "PACKAGED_MODELS", "PackagedModel", "ResolvedSource", "cache_dir", "load_config", "load_model",
     "load_teacher", "load_tokenizer", "model_max_length", "resolve_source",
 ]
 
@@ -298,6 +298,13 @@ def load_model(
         time.perf_counter() - start,
     )
     return model
+
+
+def load_config(source: str | os.PathLike | ResolvedSource | None = None):
+    """The model's config alone (no weights): for checks that should come before a slow load."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig.from_pretrained, resolve_source(source))
 
 
 def load_tokenizer(source: str | os.PathLike | ResolvedSource | None = None):
