@@ -346,24 +346,31 @@ def model_bench(ctx: Context) -> dict:
     return {**report, "status": "ok"}
 
 
+def finetune_recipe(size: str, data: Path, output_dir: Path):
+    """The default recipe, LoRA stage only, ``FINETUNE[size]``'s steps, length and precision, no
+    validation, checkpoints or tensorboard: ``(recipe, overrides)``."""
+    from linearize.recipe import load_recipe
+
+    ft = FINETUNE[size]
+    overrides = [
+        "stages=[lora]", f"lora.max_steps={ft['steps']}", f"data.seq_len={ft['seq_len']}", f"data.source={data}",
+        "data.validation_split=null", f"train.precision={ft['precision']}", "train.save_every=0",
+        "train.tensorboard=false", f"output_dir={output_dir}", *ft["overrides"],
+    ]
+    return load_recipe(DEFAULT_RECIPE, overrides), overrides
+
+
 def finetune(ctx: Context) -> dict:
     """The default recipe's conversion and LoRA settings, ``steps`` optimiser steps, bf16 mixed
     precision, through ``linearize.train.finetune``; tokens/s and peak memory."""
     import linearize.train
     from linearize import kernels
-    from linearize.recipe import load_recipe
 
     size = FINETUNE[ctx.size]
     work = Path(tempfile.mkdtemp(prefix="gpu_check_finetune_"))
     data = work / "text.txt"
     data.write_text(offline_text(2 * size["steps"] * size["seq_len"]))  # bytes = tokens: 2x what the steps read
-    overrides = [
-        "stages=[lora]", f"lora.max_steps={size['steps']}", f"data.seq_len={size['seq_len']}",
-        f"data.source={data}", "data.validation_split=null", f"train.precision={size['precision']}",
-        "train.save_every=0",
-        "train.tensorboard=false", f"output_dir={work / 'run'}", *size["overrides"],
-    ]
-    recipe = load_recipe(DEFAULT_RECIPE, overrides)
+    recipe, overrides = finetune_recipe(ctx.size, data, work / "run")
     model = llama(SMOLLM2_135M if not ctx.rehearsal else TINY, num_hidden_layers=size["layers"])
     stamps: list[float] = []
     losses: list[float] = []

@@ -287,6 +287,27 @@ def test_gpu_tests_are_found_and_run_compiled():
     assert gpu_check.step_env(True, Path("/w"))["TRITON_INTERPRET"] == "1"
 
 
+def test_gpu_sizes_are_valid_settings(tmp_path):
+    """What the GPU run asks for, checked without a GPU: the recipe, the text, the benchmark options."""
+    from benchmarks import bench_decode_kernels, bench_kernels
+    from benchmarks import gpu_check_steps as steps
+    from linearize.recipe import load_recipe
+
+    recipe, overrides = steps.finetune_recipe("gpu", tmp_path / "text.txt", tmp_path / "run")
+    default = load_recipe(steps.DEFAULT_RECIPE)
+    assert recipe.stages == ["lora"] and recipe.lora.max_steps == 20 and recipe.train.precision == "bf16"
+    assert recipe.conversion == default.conversion and recipe.data.seq_len == default.data.seq_len == 2048
+    assert (recipe.lora.r, recipe.lora.alpha, recipe.lora.targets) == (default.lora.r, default.lora.alpha,
+                                                                       default.lora.targets)
+    text = steps.offline_text(2 * 20 * 2048)
+    assert len(steps.byte_tokenizer()(text)["input_ids"]) >= 20 * 2048  # enough blocks for 20 steps
+    args = bench_kernels.parse_args(["--T", *map(str, steps.KERNEL_T["gpu"]), *steps.KERNEL_SHAPE["gpu"]])
+    assert (args.T, args.heads, args.head_dim, args.dtype) == ([2048, 8192, 32768], 32, 128, "bfloat16")
+    dec = bench_decode_kernels.parse_args(["--contexts", *map(str, steps.DECODE_CONTEXTS["gpu"])])
+    assert dec.contexts[0] == 1024 and dec.contexts[-1] == 128 * 1024
+    assert steps.BENCH_CONTEXTS["gpu"] == [4096, 8192, 16384, 32768, 65536]
+
+
 def test_budgets_fit_the_device_limits():
     assert sum(gpu_check.BUDGETS.values()) <= gpu_check.TIME_LIMIT_S <= 8 * 60
     with pytest.raises(SystemExit):
