@@ -367,11 +367,6 @@ def finetune(ctx: Context) -> dict:
     from linearize import kernels
 
     size = FINETUNE[ctx.size]
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_finetune_"))
-    data = work / "text.txt"
-    data.write_text(offline_text(2 * size["steps"] * size["seq_len"]))  # bytes = tokens: 2x what the steps read
-    recipe, overrides = finetune_recipe(ctx.size, data, work / "run")
-    model = llama(SMOLLM2_135M if not ctx.rehearsal else TINY, num_hidden_layers=size["layers"])
     stamps: list[float] = []
     losses: list[float] = []
 
@@ -380,17 +375,18 @@ def finetune(ctx: Context) -> dict:
         losses.append(float(metrics["loss"]))
 
     cuda = torch.device("cuda") if torch.cuda.is_available() and not ctx.rehearsal else None
-    if cuda is not None:
-        torch.cuda.reset_peak_memory_stats(cuda)
-    start = time.perf_counter()
-    try:
+    with tempfile.TemporaryDirectory(prefix="gpu_check_finetune_") as tmp:  # the run's folder: not kept
+        work = Path(tmp)
+        data = work / "text.txt"
+        data.write_text(offline_text(2 * size["steps"] * size["seq_len"]))  # bytes = tokens: 2x what the steps read
+        recipe, overrides = finetune_recipe(ctx.size, data, work / "run")
+        model = llama(SMOLLM2_135M if not ctx.rehearsal else TINY, num_hidden_layers=size["layers"])
+        if cuda is not None:
+            torch.cuda.reset_peak_memory_stats(cuda)
+        start = time.perf_counter()
         result = linearize.train.finetune(recipe, model=model, tokenizer=byte_tokenizer(), callback=callback)
         wall = time.perf_counter() - start
         device = next(result.model.parameters()).device
-    finally:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
     tokens_per_step = recipe.train.batch_size * recipe.train.grad_accum * recipe.data.seq_len
     warmup = WARMUP_STEPS[ctx.size]
     steady = len(stamps) - 1 - warmup  # the steps between the warm-up's last callback and the last one
