@@ -17,7 +17,7 @@ from linearize import cli, environment  # noqa: E402
 from linearize.checkpoint_files import EVAL_REPORT_KIND  # noqa: E402
 from linearize.errors import LinearizeError, OutputError  # noqa: E402
 from linearize.evals import recovery, runner  # noqa: E402
-from linearize.evals.config import CAPITALS, PASSKEY, WIKI, OfflineTaskConfig, task_config_for  # noqa: E402
+from linearize.evals.config import CAPITALS, PASSKEY, WIKI, WIKI_WINDOWS, OfflineTaskConfig, task_config_for  # noqa: E402
 from linearize.evals.report import check_report_dir  # noqa: E402
 from linearize.outputs import MARKER, written_by_linearize  # noqa: E402
 from tiny_models import COMMON  # noqa: E402
@@ -166,16 +166,24 @@ def test_report_folder_follows_the_output_policy(student_dir, tmp_path, capsys, 
 
 def test_a_limit_bounds_the_work_per_task():
     quick = task_config_for(2)
-    assert quick.wiki_max_chars == 2000 and quick.passkey_lengths == (1024,)
+    assert quick.wiki_doc_max_chars == 2000 and quick.passkey_lengths == (1024,) and quick.wiki_max_chars is None
     assert task_config_for(None) == OfflineTaskConfig()
     only_capitals = task_config_for({CAPITALS: 50})
-    assert only_capitals.wiki_max_chars is None and only_capitals.passkey_lengths == (1024, 2048, 4096, 8192)
-    assert task_config_for({WIKI: 3}).wiki_max_chars == 2000
-    explicit = task_config_for(2, passkey_lengths=[2048, 4096], wiki_max_chars=None)
-    assert explicit.passkey_lengths == (2048, 4096) and explicit.wiki_max_chars == 2000
+    assert only_capitals.wiki_doc_max_chars is None and only_capitals.passkey_lengths == (1024, 2048, 4096, 8192)
+    assert task_config_for({WIKI: 3}).wiki_doc_max_chars == 2000
+    explicit = task_config_for(2, passkey_lengths=[2048, 4096], wiki_doc_max_chars=None)
+    assert explicit.passkey_lengths == (2048, 4096) and explicit.wiki_doc_max_chars == 2000
+    # the quick look cuts linearize_wiki's documents, not the articles the 512-token windows come from
+    from linearize.evals.data import build_docs
+
+    tok = byte_tokenizer()
+    tiny = dict(wiki_max_chars=3000, wiki_window_tokens=256)
+    full, cut = OfflineTaskConfig(**tiny), OfflineTaskConfig(**tiny, wiki_doc_max_chars=500)
+    assert max(len(d["text"]) for d in build_docs(WIKI, tok, cut)) == 500
+    assert build_docs(WIKI_WINDOWS, tok, cut) == build_docs(WIKI_WINDOWS, tok, full)
 
 
-def test_eval_run_reports_progress_and_writes_a_relocated_task_folder(student_dir, tmp_path):
+def test_eval_run_reports_progress_and_writes_a_relocated_task_folder(student_dir, tmp_path, capsys):
     tok = byte_tokenizer()
     teacher_dir = tmp_path / "teacher"
     tiny_llama(len(tok)).save_pretrained(teacher_dir)
@@ -186,6 +194,7 @@ def test_eval_run_reports_progress_and_writes_a_relocated_task_folder(student_di
         student_dir, teacher_dir, [CAPITALS, PASSKEY], out_dir=out, limit=2, batch_size=2, write_to_checkpoint=False,
         task_config=task_config_for(2, passkey_lengths=[420], wiki_max_chars=200),
         progress=lambda done, total, what: calls.append((done, total, what)))
+    assert "Running loglikelihood requests" not in capsys.readouterr().err  # one overall line: the caller's
     assert [c[2] for c in calls] == [f"{role} {task}" for role in ("teacher", "student") for task in (CAPITALS, PASSKEY)]
     assert [c[0] for c in calls] == sorted(c[0] for c in calls) and calls[-1][0] == calls[-1][1] > 0
     assert report["settings"]["offline_tasks"]["passkey_lengths"] == [420]

@@ -40,8 +40,11 @@ class OfflineTaskConfig:
 
     # Issue 7's perplexity targets use 512-token windows of the held-out articles.
     wiki_window_tokens: int = 512
-    # Cut each held-out article to this many characters (None: whole articles). For tests.
+    # Cut each held-out article to this many characters (None: whole articles), for both wiki tasks. For tests.
     wiki_max_chars: int | None = None
+    # Cut each linearize_wiki document (not the source of the 512-token windows) to this many
+    # characters (None: whole articles). A quick look (QUICK_LOOK) sets it.
+    wiki_doc_max_chars: int | None = None
     capital_sections: tuple[str, ...] = CAPITAL_SECTIONS
     # Choices per capital question: the right country plus seeded distractors (chance = 1/4).
     capital_choices: int = 4
@@ -59,8 +62,10 @@ class OfflineTaskConfig:
         self.passkey_depths = tuple(float(x) for x in self.passkey_depths)
         if self.wiki_window_tokens < 2:
             raise ValueError(f"wiki_window_tokens={self.wiki_window_tokens}: need at least 2 tokens per window")
-        if self.wiki_max_chars is not None and self.wiki_max_chars < 1:
-            raise ValueError(f"wiki_max_chars={self.wiki_max_chars}: use None (whole articles) or a positive count")
+        for name in ("wiki_max_chars", "wiki_doc_max_chars"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value}: use None (whole articles) or a positive count")
         if self.capital_choices < 2:
             raise ValueError(f"capital_choices={self.capital_choices}: a multiple-choice question needs 2 or more")
         if not self.passkey_lengths or min(self.passkey_lengths) < 1:
@@ -80,10 +85,11 @@ class OfflineTaskConfig:
 
 # A quick look (`--limit`) bounds the work per task, not only the documents: whole Wikipedia articles
 # (up to ~40K tokens each) and 8K-token passkeys made `--limit 2` take over 10 minutes on CPU. With a
-# limit on a task (and the field not set explicitly) these sizes apply: articles cut to ~500 tokens,
-# passkeys of the shortest length of the default range only.
-QUICK_LOOK = {"wiki_max_chars": 2000, "passkey_lengths": (1024,)}
-_QUICK_TASKS = {"wiki_max_chars": WIKI, "passkey_lengths": PASSKEY}
+# limit on a task (and the field not set explicitly) these sizes apply: linearize_wiki's articles cut to
+# ~500 tokens, passkeys of the shortest length of the default range only (linearize_wiki512 and
+# linearize_capitals need nothing: a limit already bounds their work).
+QUICK_LOOK = {"wiki_doc_max_chars": 2000, "passkey_lengths": (1024,)}
+_QUICK_TASKS = {"wiki_doc_max_chars": WIKI, "passkey_lengths": PASSKEY}
 
 
 def _has_limit(limit, task: str) -> bool:

@@ -146,7 +146,8 @@ def passkey_docs(tokenizer, config: OfflineTaskConfig) -> list[dict]:
 def build_docs(task: str, tokenizer, config: OfflineTaskConfig) -> list[dict]:
     """Documents of one offline task."""
     if task == WIKI:
-        return wiki_docs(config)
+        cut = config.wiki_doc_max_chars
+        return [{**doc, "text": doc["text"][:cut]} if cut else doc for doc in wiki_docs(config)]
     if task == CAPITALS:
         return capital_docs(config)
     if tokenizer is None:

@@ -107,6 +107,9 @@ def _quiet_hflm():
         def generate_until(self, requests, disable_tqdm: bool = False):
             return super().generate_until(requests, disable_tqdm=True)
 
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+
     return QuietHFLM
 
 
