@@ -8,7 +8,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 

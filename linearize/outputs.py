@@ -122,10 +122,14 @@ def check_output_dir(path: str | os.PathLike | None, *, what: str, overwrite: bo
             if not (overwrite or allow_existing_ours):
                 raise OutputError(f"{flag} {path!s} already holds a {kind.replace('-', ' ')}: pass "
                                   f"--overwrite to replace it, or choose another {flag}")
+    _check_writable_parent(out, path, flag)
+    return out
+
+
+def _check_writable_parent(out: Path, path, flag: str) -> None:
     parent = _nearest_existing(out.parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{flag} {path!s}: cannot write in {parent} (permission denied): choose a writable folder")
-    return out
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -310,9 +314,7 @@ def check_output_file(path: str | os.PathLike, *, what: str, flag: str = "--out"
     if suffixes and out.suffix not in suffixes:
         raise OutputError(f"{flag} {path!s}: the {what} is written as {'/'.join(suffixes)}; "
                           f"name a file ending in {suffixes[0]}")
-    parent = _nearest_existing(out.parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {path!s}: cannot write in {parent} (permission denied)")
+    _check_writable_parent(out, path, flag)
     return out
 
 

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from linearize import cli
 import linearize
-from tiny_models import VOCAB, tiny_model
+from tiny_models import VOCAB, save_tiny_teacher
 from tiny_tokenizer import word_tokenizer
 
 
 @pytest.fixture
 def teacher_dir(tmp_path):
-    folder = tmp_path / "teacher"
-    tiny_model("llama").save_pretrained(folder)
-    word_tokenizer(VOCAB).save_pretrained(folder)
-    return folder
+    return save_tiny_teacher(tmp_path / "teacher")
 
 
 def test_convert_then_generate(teacher_dir, tmp_path, capsys):

@@ -16,8 +16,7 @@ import pytest
 import linearize
 from linearize import cli
 from linearize.cli import verbs
-from tiny_models import VOCAB, tiny_model
-from tiny_tokenizer import word_tokenizer
+from tiny_models import save_tiny_teacher
 
 
 def run(capsys, *argv: str) -> tuple[int, str]:
@@ -41,10 +40,7 @@ def one_error_line(err: str) -> str:
 
 @pytest.fixture
 def teacher_dir(tmp_path):
-    folder = tmp_path / "teacher"
-    tiny_model("llama").save_pretrained(folder)
-    word_tokenizer(VOCAB).save_pretrained(folder)
-    return folder
+    return save_tiny_teacher(tmp_path / "teacher")
 
 
 # --- argument errors: one line naming the option, before anything loads ---------------------------

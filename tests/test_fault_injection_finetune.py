@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_teacher, write_corpus
-from tiny_tokenizer import byte_tokenizer
+from tiny_models import tiny_finetune_inputs
 
 
 
@@ -31,10 +30,7 @@ FINETUNE_SEED = 17
 
 
 def _finetune_recipe(tmp_path: Path) -> Path:
-    teacher = tmp_path / "teacher"
-    tiny_teacher().save_pretrained(teacher)
-    byte_tokenizer().save_pretrained(teacher)
-    corpus = write_corpus(tmp_path / "corpus.txt")
+    teacher, corpus = tiny_finetune_inputs(tmp_path)
     path = tmp_path / "recipe.yaml"
     path.write_text(f"""
 model: {teacher}

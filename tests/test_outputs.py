@@ -18,16 +18,12 @@ from linearize.errors import OutputError
 from linearize.outputs import (
     MARKER, FolderLock, atomic_folder, atomic_write_json, check_output_dir, written_by_linearize,
 )
-from tiny_models import tiny_model
-from tiny_tokenizer import byte_tokenizer
+from tiny_models import save_tiny_teacher, tiny_model
 
 
 @pytest.fixture
 def teacher_dir(tmp_path):
-    folder = tmp_path / "teacher"
-    tiny_model("llama").save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_teacher(tmp_path / "teacher")
 
 
 def _tree(folder):
@@ -212,7 +208,7 @@ def test_save_converted_carries_the_tokenizer_of_the_source(teacher_dir, tmp_pat
     model = linearize.convert(str(teacher_dir), linearize.ConversionConfig(window=4))
     out = linearize.save_converted(model, tmp_path / "conv")
     assert (out / "tokenizer.json").is_file()
-    pieces = list(linearize.generate_stream(str(out), "ab", max_new_tokens=2))
+    pieces = list(linearize.generate_stream(str(out), "w1 w2", max_new_tokens=2))
     assert pieces
 
 

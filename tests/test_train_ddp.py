@@ -14,8 +14,7 @@ import pytest
 import torch
 from conftest import RTOL, rel_rms
 from safetensors.torch import load_file
-from tiny_models import tiny_teacher, write_corpus
-from tiny_tokenizer import byte_tokenizer
+from tiny_models import tiny_finetune_inputs, tiny_teacher
 
 from linearize.recipe import load_recipe
 from linearize.train import MODEL_DIR, SUMMARY_FILE, finetune
@@ -25,10 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _recipe_file(tmp_path: Path) -> Path:
-    teacher_dir = tmp_path / "teacher"
-    tiny_teacher().save_pretrained(teacher_dir)
-    byte_tokenizer().save_pretrained(teacher_dir)
-    corpus = write_corpus(tmp_path / "corpus.txt")
+    teacher_dir, corpus = tiny_finetune_inputs(tmp_path)
     path = tmp_path / "recipe.yaml"
     path.write_text(f"""
 model: {teacher_dir}

@@ -85,3 +85,22 @@ def tiny_recipe(tmp_path, out="run", *extra):
         "train.batch_size=4", "train.eval_batches=2", "train.log_every=2",
         f"output_dir={tmp_path / out}", *extra,
     ])
+
+
+def save_tiny_teacher(folder, tokenizer=None):
+    """A tiny Llama teacher folder with a tokenizer (default: a word-level one over its vocabulary)."""
+    from tiny_tokenizer import word_tokenizer
+
+    tiny_model("llama").save_pretrained(folder)
+    (tokenizer or word_tokenizer(VOCAB)).save_pretrained(folder)
+    return folder
+
+
+def tiny_finetune_inputs(tmp_path):
+    """(teacher folder, corpus file) for recipe files: :func:`tiny_teacher` with a byte tokenizer."""
+    from tiny_tokenizer import byte_tokenizer
+
+    teacher = tmp_path / "teacher"
+    tiny_teacher().save_pretrained(teacher)
+    byte_tokenizer().save_pretrained(teacher)
+    return teacher, write_corpus(tmp_path / "corpus.txt")
