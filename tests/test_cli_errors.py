@@ -140,14 +140,25 @@ def test_a_bug_keeps_its_traceback_and_asks_for_a_report(capsys, monkeypatch):
         "you ran and the traceback above.")
 
 
-@pytest.mark.parametrize("verb, extra, module", [("bench", "bench", "matplotlib"), ("eval", "eval", "lm_eval")])
-def test_missing_extra_fails_at_once_with_the_pip_command(capsys, monkeypatch, verb, extra, module):
+def _without(monkeypatch, module):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
-    code, err = run(capsys, verb, "some-dir")
+
+
+def test_eval_without_lm_eval_fails_at_once_with_the_pip_command(capsys, monkeypatch):
+    _without(monkeypatch, "lm_eval")
+    code, err = run(capsys, "eval", "some-dir")
     assert (code, one_error_line(err)) == (
-        2, f"linearize {verb}: error: the optional package {module!r} is not installed: "
-        f"pip install 'linearize[{extra}]'")
+        2, "linearize eval: error: linearize eval needs lm-eval, which is not installed: pip install "
+        "'linearize[eval]' (or pip install -e '.[eval]' in a checkout)")
+
+
+def test_bench_without_matplotlib_says_so_before_measuring(capsys, caplog, monkeypatch):
+    """No chart without matplotlib, said first; the table and JSON do not need it (issue 17 item 11)."""
+    _without(monkeypatch, "matplotlib")
+    code, err = run(capsys, "bench", "no-such-dir")
+    assert code == 2 and "no-such-dir" in one_error_line(err)
+    assert "matplotlib is not installed: no PNG chart will be drawn (pip install 'linearize[bench]')" in caplog.text
 
 
 def test_missing_extra_met_deep_inside_a_verb(capsys, monkeypatch):

@@ -98,7 +98,7 @@ def test_beyond_window_split_is_the_teacher_within_the_window(arch):
 def test_sink_tokens_without_the_linear_part_are_streaming_attention():
     """With the linear part weighed to zero, a converted layer is the teacher's attention over its
     window and the first sink_tokens tokens (StreamingLLM), in one forward and token by token."""
-    from benchmarks.retrieval_layers import streaming_attention
+    from oracles import streaming_attention
 
     ids = torch.randint(0, VOCAB, (2, 20))
     with streaming_attention(tiny_model("llama"), keep=[], window=4, sinks=3) as teacher:

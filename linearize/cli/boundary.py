@@ -29,15 +29,6 @@ def _missing_extra(module: str, verb: str) -> str | None:
     return f"the optional package {module.split('.')[0]!r} is not installed: pip install 'linearize[{extra}]'"
 
 
-def require_extra(extra: str) -> None:
-    """Fail at once, not after minutes of work, when a package of ``extra`` is missing."""
-    import importlib.util
-
-    for module, extras in _extras().items():
-        if extra in extras and importlib.util.find_spec(module) is None:
-            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
-
-
 _OS_FIXES = {
     errno.ENOSPC: "free some space or write to another disk",
     errno.EDQUOT: "free some space or write to another disk",

@@ -8,7 +8,6 @@ import logging
 import math
 import sys
 
-from .boundary import require_extra
 
 logger = logging.getLogger("linearize")
 
@@ -148,7 +147,11 @@ def add_bench(p: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args) -> None:
-    require_extra("bench")
+    from linearize.bench.report import plot_available
+
+    if not plot_available():  # said now, not after the run: the table and JSON are still written
+        logging.getLogger("linearize").warning(
+            "matplotlib is not installed: no PNG chart will be drawn (pip install 'linearize[bench]')")
     import torch
     from rich.progress import Progress
 
@@ -249,7 +252,9 @@ def _numbers(text: str | None, kind: type, flag: str) -> list | None:
 
 
 def run_eval(args) -> None:
-    require_extra("eval")
+    from linearize.evals.runner import require_eval_dependencies
+
+    require_eval_dependencies()
     import datasets
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 

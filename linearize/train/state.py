@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint_files import TRAINING_SUMMARY
 from ..errors import LinearizeError
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_FILE = "training_summary.json"
+SUMMARY_FILE = TRAINING_SUMMARY  # (linearize.checkpoint_files: push and the model card read it too)
 STATE_FILE = "trainer_state.json"
 TRANSFER_STATE_FILE = "transfer_state.pt"
 RECIPE_FILE = "recipe.yaml"
