@@ -53,6 +53,15 @@ def _chmod_like_new(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def give_normal_permissions(folder: Path) -> None:
+    """Files and folders under ``folder`` get what a plain open/mkdir would give (umask applied):
+    safetensors writes its files 0600 and ``mkdtemp`` makes 0700, which would hide a shared model."""
+    _chmod_like_new(folder, directory=True)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            _chmod_like_new(path, directory=path.is_dir())
+
+
 def written_by_linearize(path: Path) -> str | None:
     """What linearize wrote at ``path`` (the marker's kind), or None when the folder is not ours."""
     marker = path / MARKER
@@ -210,6 +219,7 @@ def atomic_folder(out: str | os.PathLike, *, kind: str, overwrite: bool = False)
             _chmod_like_new(tmp, directory=True)
             yield tmp
             write_marker(tmp, kind)
+            give_normal_permissions(tmp)
             if out.exists() and any(out.iterdir()):
                 old = Path(tempfile.mkdtemp(prefix=_temp_name(out, OLD_INFIX), dir=out.parent))
                 os.rmdir(old)
@@ -320,5 +330,5 @@ def check_output_file(path: str | os.PathLike, *, what: str, flag: str = "--out"
 
 __all__ = [
     "MARKER", "FolderLock", "atomic_folder", "atomic_write_json", "atomic_write_text", "check_output_dir",
-    "check_output_file", "clean_stale_temporaries", "write_marker", "written_by_linearize",
+    "check_output_file", "clean_stale_temporaries", "give_normal_permissions", "write_marker", "written_by_linearize",
 ]

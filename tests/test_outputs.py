@@ -225,3 +225,13 @@ def test_convert_checks_the_settings_against_the_model_before_loading_weights(te
         with pytest.raises(ValueError, match="max_position_embeddings|not a layer"):
             linearize.convert_to_folder(str(teacher_dir), tmp_path / "conv", config)
     assert not (tmp_path / "conv").exists()
+
+
+def test_saved_weights_are_readable_like_any_new_file(tmp_path):
+    """Issue 17 item 19: safetensors writes 0600 and mkdtemp 0700; a saved model has the umask's modes."""
+    out = linearize.save_converted(linearize.convert(tiny_model("llama"), window=4), tmp_path / "conv")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name

@@ -214,7 +214,7 @@ def run_finetune(args) -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = finetune(recipe, resume=args.resume)
-    logger.info("finetuned checkpoint written to %s", result.model_dir)
+    logger.info("the finetuned checkpoint is in %s", result.model_dir)
 
 
 def add_eval(p: argparse.ArgumentParser) -> None:

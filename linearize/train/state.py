@@ -19,6 +19,7 @@ from typing import Any
 
 from ..checkpoint_files import TRAINING_SUMMARY
 from ..errors import LinearizeError
+from ..outputs import give_normal_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ class Checkpoints:
         write(tmp)
         if is_main:
             (tmp / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=1))
+            give_normal_permissions(tmp)
         barrier()
         if is_main:
             if final.exists():
