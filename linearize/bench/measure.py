@@ -182,6 +182,12 @@ def _decode_steps(model, cache, token: torch.Tensor, steps: int, device: torch.d
     return times
 
 
+def _timed_decode(model, cache, token: torch.Tensor, cfg: BenchConfig, device: torch.device) -> list[float]:
+    """``cfg.warmup_steps`` untimed steps, then the seconds of ``cfg.decode_steps`` timed ones."""
+    _decode_steps(model, cache, token, cfg.warmup_steps, device)
+    return _decode_steps(model, cache, token, cfg.decode_steps, device)
+
+
 def measure_context(model, context: int, cfg: BenchConfig, device: torch.device, vocab: int) -> dict:
     """Prefill + decode at one context length for one model (a dict row of the results)."""
     from linearize.cache import cache_nbytes
@@ -197,8 +203,7 @@ def measure_context(model, context: int, cfg: BenchConfig, device: torch.device,
             _sync(device)
             prefill_s = time.perf_counter() - start
             cache_bytes = cache_nbytes(cache) // cfg.batch
-            _decode_steps(model, cache, token, cfg.warmup_steps, device)
-            step_s = _decode_steps(model, cache, token, cfg.decode_steps, device)
+            step_s = _timed_decode(model, cache, token, cfg, device)
             del cache
     except Exception as err:
         if not _is_oom(err):
@@ -229,8 +234,7 @@ def measure_throughput(model, context: int, cfg: BenchConfig, device: torch.devi
         try:
             with torch.inference_mode():
                 cache, token = _prefill(model, _tokens(vocab, batch, context, device, gen))
-                _decode_steps(model, cache, token, cfg.warmup_steps, device)
-                step_s = _decode_steps(model, cache, token, cfg.decode_steps, device)
+                step_s = _timed_decode(model, cache, token, cfg, device)
                 del cache
         except Exception as err:
             if not _is_oom(err):
