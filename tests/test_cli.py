@@ -73,3 +73,11 @@ def test_unsupported_architecture_from_the_cli(tmp_path, capsys):
     word_tokenizer(VOCAB).save_pretrained(folder)
     assert cli.main(["convert", str(folder), "--out", str(tmp_path / "y")]) == 2
     assert "not supported" in capsys.readouterr().err
+
+
+def test_finetune_overrides_may_follow_its_options():
+    """`linearize finetune r.yaml --resume lora.max_steps=8` (issue 17 items 8 and 18 write it so)."""
+    args = cli.parse(["finetune", "r.yaml", "lora.r=4", "--resume", "lora.max_steps=8", "train.seed=1"])
+    assert args.resume and args.overrides == ["lora.r=4", "lora.max_steps=8", "train.seed=1"]
+    with pytest.raises(SystemExit):
+        cli.parse(["generate", "m", "--prompt", "x", "lora.r=4"])  # overrides belong to finetune only

@@ -14,6 +14,7 @@ shown with a request to report it, exit 1.
 from __future__ import annotations
 
 import argparse
+import re
 import logging
 import sys
 import traceback
@@ -134,8 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=verb.run)
     return parser
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line. ``finetune``'s ``key=value`` overrides may come on either side of its
+    options (``finetune r.yaml --resume lora.max_steps=8``), which argparse alone does not allow."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.verb == "finetune" and all(_OVERRIDE.match(x) for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)
