@@ -144,6 +144,9 @@ class LoraConfig(StageOptim):
     teacher is the same model with adapters disabled and softmax attention."""
     kl_temperature: float = 1.0
     """Softmax temperature of the KL term (the term is scaled by T²)."""
+    lm_loss_chunk: int = 512
+    """Score cross-entropy and KL through the LM head this many positions at a time, never holding
+    the [T, vocab] logits (exact: ``linearize.train.lm_loss``); 0: the model's own full logits."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -157,6 +160,8 @@ class LoraConfig(StageOptim):
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         if self.kl_temperature <= 0:
             raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
+        if self.lm_loss_chunk < 0:
+            raise ValueError(f"lm_loss_chunk must be >= 0 (0: full logits), got {self.lm_loss_chunk}")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from safetensors.torch import save_file
@@ -21,6 +22,7 @@ from ..convert import conversion_parameters
 from ..mixers import teacher_attention
 from ..outputs import atomic_folder, write_marker, written_by_linearize
 from ..recipe import LoraConfig, Recipe
+from .lm_loss import NO_LOGITS, capture_lm_head_input, chunked_lm_loss, lm_head_weight, shifted_labels
 from .loop import Run, quiet_accelerate
 from .metrics import held_out_nll
 from .optim import optimizer_and_scheduler
@@ -71,9 +73,40 @@ class Lora:
                 self.acc.load_state(str(resume_dir))
         self.prepared.train()
 
+    def _head_weight(self) -> torch.Tensor | None:
+        """The LM head's weight when the chunked loss applies (on by default; not under FSDP, whose
+        flat parameters are only whole inside the wrapped forward)."""
+        if not self.cfg.lm_loss_chunk or self.acc.distributed_type == DistributedType.FSDP:
+            return None
+        return lm_head_weight(self.peft_model.get_base_model())
+
+    def _chunked_losses(self, ids: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CE (+ KL) from the decoder's hidden states, a chunk of positions at a time (no [T, V] logits)."""
+        cfg, base = self.cfg, self.peft_model.get_base_model()
+        none = NO_LOGITS.to(ids.device)
+        with capture_lm_head_input(base) as box:
+            self.prepared(input_ids=ids, use_cache=False, logits_to_keep=none)
+            hidden = box.pop("hidden")  # [b, T, d]
+            teacher = None
+            if cfg.kl_weight:
+                with torch.no_grad(), self.peft_model.disable_adapter(), teacher_attention(self.peft_model):
+                    self.prepared(input_ids=ids, use_cache=False, logits_to_keep=none)
+                teacher = box.pop("hidden")  # [b, T, d]
+        with self.acc.autocast():
+            ce, kl = chunked_lm_loss(hidden, weight, shifted_labels(ids), teacher, cfg.kl_temperature,
+                                     cfg.lm_loss_chunk)
+        return {"ce": ce} if kl is None else {"ce": ce, "kl": kl}
+
     def micro_step(self, ids: torch.Tensor, sync: bool) -> dict[str, torch.Tensor]:
         acc, cfg = self.acc, self.cfg
+        weight = self._head_weight()
         with contextlib.nullcontext() if sync else acc.no_sync(self.prepared):
+            if weight is not None:
+                metrics = self._chunked_losses(ids, weight)
+                loss = metrics["ce"] + cfg.kl_weight * metrics["kl"] if "kl" in metrics else metrics["ce"]
+                acc.backward(loss)  # divided by grad_accum inside
+                metrics["loss"] = loss
+                return metrics
             out = self.prepared(input_ids=ids, labels=ids, use_cache=False)
             ce = out.loss
             metrics = {"ce": ce}
