@@ -1,17 +1,9 @@
 """Which softmax layers to keep: probe a teacher for the layers that retrieve beyond the window.
 
-A converted layer sees exact attention only inside its window; anything further away goes through
-the linear branch's fixed-size state. The layers worth keeping as softmax are the ones whose heads
-look far back. Two probes of the teacher find them, neither on any evaluation data:
-
-- **induction**: a block of random tokens repeated once; a head's score is its mean attention from
-  each token of the second copy to the token after the same token in the first copy, ``length``
-  positions back (Olsson et al. 2022's induction-head score, at a distance beyond the window);
-- **far attention**: on training text, a head's mean attention mass further than ``window`` back,
-  the first ``sinks`` positions (attention sinks) not counted.
-
-The suggestion is the layer with the most far attention plus the layers with the strongest
-induction heads. ``--probe`` checks candidate sets on the teacher itself: every layer not in the
+The probes and the suggestion are :mod:`linearize.layer_probe` (what ``linearize convert
+--keep-softmax auto:N`` runs): induction heads at distance 512 on random tokens, and attention mass
+beyond the window on training text; the suggestion is the layer with the most far attention plus
+the layers with the strongest induction heads. ``--probe`` checks candidate sets on the teacher itself: every layer not in the
 set attends only to its window and the first ``sinks`` tokens (StreamingLLM's attention, what a
 converted layer's window branch can do exactly), and the passkey accuracy of that teacher says
 whether the kept set can still retrieve.
@@ -32,65 +24,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from linearize.layer_probe import (
+    INDUCTION_LENGTH,
+    PROBE_SINKS,
+    TEXT_TOKENS,
+    attention_modules,
+    far_attention,
+    induction_scores,
+    probe_text_ids,
+    random_token_range,
+    suggest_layers,
+)
 from linearize.outputs import atomic_write_json
 
 logger = logging.getLogger(__name__)
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The model's attention modules in layer order (every HF attention module has ``layer_idx``)."""
-    found = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no attention modules with a layer_idx")
-    return sorted(found, key=lambda m: m.layer_idx)
-
-
-@torch.no_grad()
-def attention_maps(model: nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, the attention probabilities [B, H, T, T] of one forward (eager attention)."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        return list(model(input_ids, output_attentions=True).attentions)
-    finally:
-        model.set_attn_implementation(previous)
-
-
-def induction_scores(model: nn.Module, length: int = 512, batch: int = 2, seed: int = 0,
-                     vocab: tuple[int, int] | None = None) -> torch.Tensor:
-    """[layers, heads]: attention from token i of the second copy to token i + 1 of the first."""
-    low, high = vocab or (0, model.config.vocab_size)
-    g = torch.Generator().manual_seed(seed)
-    block = torch.randint(low, high, (batch, length), generator=g)
-    maps = attention_maps(model, torch.cat([block, block], dim=1))
-    q = torch.arange(length, 2 * length)
-    return torch.stack([a[:, :, q, q - length + 1].mean(dim=(0, 2)) for a in maps])
-
-
-def far_attention(model: nn.Module, input_ids: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
-    """[layers, heads]: mean attention mass further than ``window`` back, sinks excluded, over the
-    queries that have such positions at all."""
-    T = input_ids.shape[-1]
-    if T <= window + sinks:
-        raise ValueError(f"far attention needs more than window + sinks = {window + sinks} tokens, got {T}")
-    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
-    far = ((i - j) >= window) & (j >= sinks)
-    maps = attention_maps(model, input_ids)
-    return torch.stack([(a * far).sum(-1)[:, :, window + sinks:].mean(dim=(0, 2)) for a in maps])
-
-
-def suggest_layers(induction: torch.Tensor, far: torch.Tensor, count: int, far_count: int = 1) -> list[int]:
-    """The ``far_count`` layers with the most far attention (strongest head), then the strongest
-    induction layers until ``count`` layers are chosen; sorted."""
-    if not 0 <= far_count <= count <= induction.shape[0]:
-        raise ValueError(f"need 0 <= far_count ({far_count}) <= count ({count}) <= layers ({induction.shape[0]})")
-    chosen = far.amax(dim=1).argsort(descending=True)[:far_count].tolist()
-    for layer in induction.amax(dim=1).argsort(descending=True).tolist():
-        if len(chosen) == count:
-            break
-        if layer not in chosen:
-            chosen.append(layer)
-    return sorted(chosen)
 
 
 def streaming_mask(T: int, window: int, sinks: int, dtype: torch.dtype, device=None) -> torch.Tensor:
@@ -159,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.retrieval_layers", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="teacher (any linearize source; default smollm2-135m)")
     p.add_argument("--window", type=int, default=128, help="the converted layers' window (default 128)")
-    p.add_argument("--sinks", type=int, default=4, help="initial positions not counted as far (default 4)")
+    p.add_argument("--sinks", type=int, default=PROBE_SINKS, help=f"initial positions not counted as far (default {PROBE_SINKS})")
     p.add_argument("--count", type=int, default=6, help="layers to suggest (default 6)")
-    p.add_argument("--induction-length", type=int, default=512, help="random block length (default 512)")
-    p.add_argument("--text-tokens", type=int, default=2048, help="training-text tokens for far attention")
+    p.add_argument("--induction-length", type=int, default=INDUCTION_LENGTH,
+                   help=f"random block length (default {INDUCTION_LENGTH})")
+    p.add_argument("--text-tokens", type=int, default=TEXT_TOKENS, help="training-text tokens for far attention")
     p.add_argument("--probe", type=_parse_probe, action="append", default=[],
                    help="NAME:L1,L2,... a kept set to check with streaming attention (repeatable); "
                         "'suggested' is always checked")
@@ -175,17 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from linearize import offline_text
     from linearize.sources import load_teacher
 
     model, tokenizer = load_teacher(args.model)
     model.eval()
     start = time.perf_counter()
-    special = set(tokenizer.all_special_ids)
-    low = max(special) + 1 if special and max(special) < model.config.vocab_size // 2 else 0
-    induction = induction_scores(model, args.induction_length, vocab=(low, model.config.vocab_size))
-    text = " ".join(a.text for a in offline_text.wiki_articles(split="train")[:3])
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][: args.text_tokens]])
+    induction = induction_scores(model, args.induction_length,
+                                 vocab=random_token_range(tokenizer, model.config.vocab_size))
+    ids = probe_text_ids(tokenizer, args.text_tokens)
     far = far_attention(model, ids, args.window, args.sinks)
     suggested = suggest_layers(induction, far, args.count)
     logger.info("suggested kept layers: %s (probes took %.0f s)", suggested, time.perf_counter() - start)

@@ -48,6 +48,8 @@ MAX_WINDOW = 1_048_576
 the delay line hold this many tokens per sequence, so a larger number is a typo, not a setting."""
 MAX_NUM_SINKS = 1024
 """Most learned sink logits per head (Lizard uses 4)."""
+AUTO_LAYERS = re.compile(r"auto:(\d+)")
+"""``keep_softmax_layers: auto:N``: ``convert()`` keeps the N layers :mod:`linearize.layer_probe` suggests."""
 MAX_CHUNK_SIZE = 4096
 """Longest chunk of the chunked PyTorch path (its memory grows with T·chunk)."""
 
@@ -116,7 +118,8 @@ def _allowed(s: Setting) -> str:
     if s.kind is bool:
         return "must be true or false"
     if s.kind is list:
-        return "must be a list of layer indices (integers; negative ones count from the end)"
+        return ("must be a list of layer indices (integers; negative ones count from the end) or auto:N "
+                "(N layers chosen by probing the teacher, N an integer >= 0)")
     what = "an integer" if s.kind is int else "a finite number"
     low, high = (None if x is None else s.kind(x) for x in (s.low, s.high))
     if low is not None and high is not None:
@@ -140,6 +143,8 @@ def check_setting(name: str, value: Any) -> Any:
             raise bad
         return value
     if s.kind is list:
+        if isinstance(value, str) and AUTO_LAYERS.fullmatch(value.strip()):
+            return f"auto:{int(AUTO_LAYERS.fullmatch(value.strip()).group(1))}"
         if not isinstance(value, (list, tuple)) or not all(isinstance(i, Integral) and not isinstance(i, bool)
                                                          for i in value):
             raise bad
@@ -201,9 +206,12 @@ class ConversionConfig:
     (StreamingLLM's attention sinks) and never enter the linear state. Needs
     ``linear_span='beyond_window'``: the layer is then the teacher exactly on the window plus these
     tokens, and linear attention covers only the tokens between them."""
-    keep_softmax_layers: list[int] = field(default_factory=list)
+    keep_softmax_layers: list[int] | str = field(default_factory=list)
     """Layer indices kept as the teacher's softmax attention (inter-layer hybrid). Negative indices
-    count from the end."""
+    count from the end. ``auto:N``: ``convert()`` probes the teacher (:mod:`linearize.layer_probe`:
+    induction at distance 512 on random tokens, attention beyond the window on training text) and
+    keeps the N layers it suggests; the converted config then holds those indices, and the probe's
+    scores under ``linearize_layer_probe``."""
     chunk_size: int = 64
     """Chunk length of the chunked PyTorch path, the one without a GPU (a speed setting: results agree
     to rounding); the Triton kernels keep their own."""
@@ -247,7 +255,17 @@ class ConversionConfig:
                         f"{name}={value}: must be at most the model's context of {max_positions} tokens "
                         "(max_position_embeddings)"
                     )
-        self.layer_kinds(num_layers)
+        auto = self.auto_layer_count()
+        if auto is None:
+            self.layer_kinds(num_layers)
+        elif auto > num_layers:
+            raise ValueError(f"keep_softmax_layers='auto:{auto}': N must be from 0 to the model's {num_layers} layers")
+
+    def auto_layer_count(self) -> int | None:
+        """N of ``keep_softmax_layers='auto:N'`` (layers still to be chosen by the probe), else None."""
+        if isinstance(self.keep_softmax_layers, str):
+            return int(AUTO_LAYERS.fullmatch(self.keep_softmax_layers).group(1))
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -262,6 +280,9 @@ class ConversionConfig:
 
     def layer_kinds(self, num_layers: int) -> list[str]:
         """The mixer of every layer: ``softmax`` for kept layers, ``self.mixer`` for the rest."""
+        if self.auto_layer_count() is not None:
+            raise ValueError(f"keep_softmax_layers={self.keep_softmax_layers!r} is not resolved yet: convert() "
+                             "probes the teacher to choose the layers (or give the indices, e.g. 0,6,-1)")
         kept = set()
         for i in self.keep_softmax_layers:
             j = i + num_layers if i < 0 else i
@@ -302,8 +323,14 @@ def _first_sentence(doc: str) -> str:
     return re.split(r"(?<=[.!?])\s+", text, maxsplit=1)[0]
 
 
-def parse_layer_indices(text: str) -> list[int]:
-    """``"0,6,-1"`` -> ``[0, 6, -1]`` (``""`` -> ``[]``): the ``--keep-softmax`` argument type."""
+def parse_layer_indices(text: str) -> list[int] | str:
+    """``"0,6,-1"`` -> ``[0, 6, -1]`` (``""`` -> ``[]``), ``"auto:6"`` -> ``"auto:6"``: the
+    ``--keep-softmax`` argument type."""
+    if text.strip().lower().startswith("auto"):
+        if not AUTO_LAYERS.fullmatch(text.strip()):
+            raise argparse.ArgumentTypeError(
+                f"keep_softmax_layers={text!r}: auto:N needs N, a whole number of layers to keep (e.g. auto:6)")
+        return check_setting("keep_softmax_layers", text.strip())
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -339,7 +366,7 @@ def conversion_arguments() -> list[tuple[str, dict[str, Any]]]:
         if s.kind is bool:
             kwargs.update(action="store_false", help=f"sets {name}=False. {help_}")
         elif s.kind is list:
-            kwargs.update(type=parse_layer_indices, metavar="I,J,...", help=help_)
+            kwargs.update(type=parse_layer_indices, metavar="I,J,...|auto:N", help=help_)
         elif s.kind is str:
             kwargs.update(choices=s.choices, help=help_)
         else:

@@ -21,12 +21,15 @@ from .surgery import build_converted, snapshot
 
 logger = logging.getLogger(__name__)
 
-def convert(model_or_source=None, config: ConversionConfig | None = None, **overrides) -> PreTrainedModel:
+def convert(model_or_source=None, config: ConversionConfig | None = None, *, tokenizer=None,
+            **overrides) -> PreTrainedModel:
     """Replace every attention layer of a causal LM as ``config`` says; returns the converted model.
 
     ``model_or_source`` is a loaded ``PreTrainedModel`` (converted in place: weights are shared, not
     copied) or anything ``linearize.sources`` resolves (hub id, folder, .gguf, ``smollm2-135m``,
     ``None`` for the offline default). ``overrides`` replace fields of ``config``.
+    ``keep_softmax_layers='auto:N'`` probes the teacher first (:func:`resolve_auto_layers`; it reads
+    text through ``tokenizer``, by default the one of the source the teacher was loaded from).
     """
     if config is None:
         config = ConversionConfig(**overrides)  # the chosen mixer's defaults fill in the rest
@@ -42,8 +45,11 @@ def convert(model_or_source=None, config: ConversionConfig | None = None, **over
     if model_type.startswith(MODEL_TYPE_PREFIX):
         raise ValueError(f"this model is already converted ({model_type}); convert the teacher instead")
     check_conversion(model.config, config)  # every error before anything changes
+    config, probe = resolve_auto_layers(model, config, tokenizer)
     _, model_cls = linearized_classes(model_type)
     new_config = linearized_config(model.config, config)
+    if probe is not None:
+        new_config.linearize_layer_probe = probe  # why these layers: saved in config.json beside `linearize`
     # The converted class is a subclass of the teacher's with the same parameters: re-class the
     # instance and build its mixers, instead of building a second model and copying weights. All or
     # nothing: on any error the model is put back as it was, so the caller can retry.
@@ -61,6 +67,29 @@ def convert(model_or_source=None, config: ConversionConfig | None = None, **over
     converted = sum(1 for _ in iter_mixers(model))
     logger.info("converted %d attention layers of %s to %s", converted, model_type, config.mixer)
     return model
+
+
+def resolve_auto_layers(model: nn.Module, config: ConversionConfig, tokenizer=None
+                        ) -> tuple[ConversionConfig, dict | None]:
+    """``config`` with ``keep_softmax_layers='auto:N'`` replaced by the N layers the retrieval probe
+    suggests for the teacher ``model`` (:func:`linearize.layer_probe.probe_layers`, far attention
+    beyond ``config.window``), and the probe's record; ``(config, None)`` when the layers are given."""
+    count = config.auto_layer_count()
+    if count is None:
+        return config, None
+    if tokenizer is None:
+        source = getattr(model, "linearize_source", None)
+        if source is None:
+            raise ValueError(f"keep_softmax_layers={config.keep_softmax_layers!r} probes the teacher on text: "
+                             "pass convert(..., tokenizer=...) (this model was not loaded by linearize.sources)")
+        from .sources import load_tokenizer
+
+        tokenizer = load_tokenizer(source)
+    from .layer_probe import probe_layers
+
+    probe = probe_layers(model, tokenizer, count, window=config.window)
+    probe["request"] = config.keep_softmax_layers
+    return dataclasses.replace(config, keep_softmax_layers=probe["suggested"]), probe
 
 
 def check_conversion(model_config, config: ConversionConfig) -> None:
@@ -123,5 +152,5 @@ def convert_to_folder(source, out_dir, config: ConversionConfig | None = None, d
     check_output_dir(out_dir, what="converted checkpoint", overwrite=overwrite, sources=[resolved.path])
     check_conversion(load_config(resolved), config or ConversionConfig())  # seconds, before the weights
     model, tokenizer = load_teacher(resolved, dtype=torch_dtype_)
-    model = convert(model, config)
+    model = convert(model, config, tokenizer=tokenizer)
     return save_converted(model, out_dir, tokenizer, overwrite=overwrite)
