@@ -194,7 +194,7 @@ def _train(recipe, accelerator, log, out, checkpoints, plan, model, tokenizer, c
         model, tokenizer = load_teacher(recipe.model, dtype=torch_dtype(recipe.model_dtype))
     max_length = model_max_length(model.config)
     set_seed(tc.seed)
-    model = convert(model, recipe.conversion)
+    model = convert(model, recipe.conversion, tokenizer=tokenizer)  # auto:N probes with it
     check_stages(recipe, model)
     data = build_data(recipe.data, tokenizer, seed=tc.seed, max_length=max_length)
     plans = {name: schedule_plan(len(data.train), recipe, getattr(recipe, name)) for name in recipe.stages}

@@ -193,7 +193,8 @@ def save_adapter(peft_model, adapter_dir: Path, recipe: Recipe) -> None:
         peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
         if extra:
             save_file(extra, str(tmp / CONVERSION_PARAMS_FILE))
-        (tmp / CONVERSION_FILE).write_text(json.dumps(recipe.conversion.to_dict(), indent=1) + "\n")
+        conversion = peft_model.get_base_model().config.linearize  # as converted: auto:N resolved to indices
+        (tmp / CONVERSION_FILE).write_text(json.dumps(conversion, indent=1) + "\n")
         (tmp / "README.md").write_text(_readme(recipe, bool(extra)))
 
 
