@@ -21,11 +21,13 @@ from lm_eval.models.huggingface import HFLM
 
 from linearize.config import DTYPE_NAMES, torch_dtype
 from linearize.environment import check_device, default_device
+from linearize.evals.scoring import SlicedScoring
 
 
 @register_model("linearize")
-class LinearizeLM(HFLM):
-    """lm-eval's ``HFLM`` around a model loaded by ``linearize.sources.load_model``.
+class LinearizeLM(SlicedScoring, HFLM):
+    """lm-eval's ``HFLM`` around a model loaded by ``linearize.sources.load_model``; loglikelihood
+    requests apply the LM head to the scored positions only (:class:`SlicedScoring`).
 
     ``device``: lm-eval's ``--device`` (default: cuda when torch sees one, else cpu); a CUDA device
     on a machine without one is a one-line :class:`linearize.environment.DeviceError`.

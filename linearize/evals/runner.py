@@ -82,20 +82,20 @@ def split_tasks(tasks) -> tuple[list[str], list[str]]:
 
 
 def make_lm(model, tokenizer, *, batch_size: int = 8, max_length: int | None = None, request_bars: bool = True):
-    """lm-eval's ``HFLM`` around a loaded model (no reload, no device move). ``request_bars=False``
-    turns off lm-eval's progress bar per request type (the caller shows one overall line)."""
-    from lm_eval.models.huggingface import HFLM
+    """lm-eval's ``HFLM`` around a loaded model (no reload, no device move), scoring only the
+    continuation's positions (``scoring.SlicedScoring``). ``request_bars=False`` turns off lm-eval's progress bar per request type (the caller shows one overall line)."""
+    from .scoring import sliced_hflm
 
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: need a positive batch size")
-    cls = HFLM if request_bars else _quiet_hflm()
+    cls = sliced_hflm() if request_bars else _quiet_hflm()
     return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
 
 def _quiet_hflm():
-    from lm_eval.models.huggingface import HFLM
+    from .scoring import sliced_hflm
 
-    class QuietHFLM(HFLM):
+    class QuietHFLM(sliced_hflm()):
         """``HFLM`` whose request methods run without their own progress bars."""
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
