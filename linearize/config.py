@@ -207,11 +207,12 @@ class ConversionConfig:
     ``linear_span='beyond_window'``: the layer is then the teacher exactly on the window plus these
     tokens, and linear attention covers only the tokens between them."""
     keep_softmax_layers: list[int] | str = field(default_factory=list)
-    """Layer indices kept as the teacher's softmax attention (inter-layer hybrid). Negative indices
-    count from the end. ``auto:N``: ``convert()`` probes the teacher (:mod:`linearize.layer_probe`:
-    induction at distance 512 on random tokens, attention beyond the window on training text) and
-    keeps the N layers it suggests; the converted config then holds those indices, and the probe's
-    scores under ``linearize_layer_probe``."""
+    """Layer indices kept as the teacher's softmax attention (inter-layer hybrid), or ``auto:N`` for the
+    N layers a retrieval probe of the teacher suggests. Negative indices count from the end.
+    ``auto:N``: ``convert()`` probes the teacher (:mod:`linearize.layer_probe`: induction at distance
+    512 on random tokens, attention beyond the window on training text) and keeps the N layers it
+    suggests; the converted config then holds those indices, and the probe's scores under
+    ``linearize_layer_probe``."""
     chunk_size: int = 64
     """Chunk length of the chunked PyTorch path, the one without a GPU (a speed setting: results agree
     to rounding); the Triton kernels keep their own."""
