@@ -1,0 +1,105 @@
+"""Where one LoRA step's memory goes: the tensors autograd keeps for the backward pass, by module.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.memory_breakdown recipes/smollm2-135m-cpu.yaml [--seq-len 2048]
+
+Builds the recipe's converted model with its LoRA adapters, runs one forward of a [1, T] batch with
+``saved_tensors_hooks`` recording every tensor autograd saves (deduplicated by storage), attributed
+to the innermost module running at the time (mixer, MLP, rest of the layer, LM head and loss), once
+with the model's own full-logits cross-entropy (``lora.lm_loss_chunk=0``) and once with the chunked
+loss. Weights, which autograd also references, are not counted. Prints a Markdown table (recorded in benchmarks/results/memory_cpu.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+import torch
+
+from linearize.recipe import load_recipe
+
+
+def _model(recipe):
+    from linearize.convert import conversion_parameters, convert
+    from linearize.sources import load_model, load_tokenizer
+    from linearize.config import torch_dtype
+    from linearize.train.lora import _get_peft_model
+
+    model = load_model(recipe.model, dtype=torch_dtype(recipe.model_dtype))
+    model = convert(model, recipe.conversion, tokenizer=load_tokenizer(recipe.model))
+    extra = list(conversion_parameters(model))
+    peft_model = _get_peft_model(model, recipe.lora)
+    for _, p in extra:
+        p.requires_grad_(True)
+    return peft_model.train()
+
+
+def saved_by_module(peft_model, ids: torch.Tensor, chunk: int) -> dict[str, int]:
+    """Bytes autograd saves during the forward + loss of ``ids`` [1, T], by module (storages counted once)."""
+    from linearize.train.lm_loss import NO_LOGITS, capture_lm_head_input, chunked_lm_loss, shifted_labels
+
+    base = peft_model.get_base_model()
+    where = ["embedding/other"]
+    seen: set[int] = set()
+    totals: collections.Counter[str] = collections.Counter()
+    handles = []
+    seen.update(p.untyped_storage().data_ptr() for p in peft_model.parameters())  # weights are not activations
+
+    def label(module, name):
+        handles.append(module.register_forward_pre_hook(lambda m, a: where.append(name)))
+        handles.append(module.register_forward_hook(lambda m, a, o: where.pop() and None))
+
+    for layer in base.get_decoder().layers:
+        kind = type(layer.self_attn).__name__
+        label(layer, f"{kind} layers: norms, residuals")
+        label(layer.self_attn, f"{kind} layers: attention / mixer")
+        label(layer.mlp, f"{kind} layers: MLP")
+
+    def pack(t: torch.Tensor):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            totals[where[-1]] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if chunk:
+            with capture_lm_head_input(base) as box:
+                peft_model(input_ids=ids, use_cache=False, logits_to_keep=NO_LOGITS)
+            where.append("LM head + loss")
+            ce, _ = chunked_lm_loss(box["hidden"], base.lm_head.weight, shifted_labels(ids), chunk=chunk)
+        else:
+            handles.append(base.lm_head.register_forward_pre_hook(lambda m, a: where.append("LM head + loss")))
+            ce = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+    for h in handles:
+        h.remove()
+    del ce
+    return dict(totals)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    recipe = load_recipe(args.recipe)
+    model = _model(recipe)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
+    rows = {"full logits (before)": saved_by_module(model, ids, 0),
+            f"chunked {recipe.lora.lm_loss_chunk} (after)": saved_by_module(model, ids, recipe.lora.lm_loss_chunk)}
+    keys = sorted({k for r in rows.values() for k in r})
+    gb = 1e9
+    print(f"T={args.seq_len}, vocab={model.config.vocab_size}; weights {weights / gb:.3f} GB, trainable "
+          f"{trainable / gb:.4f} GB (AdamW state 2x that)\n")
+    print("| saved for backward (GB) | " + " | ".join(rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for k in keys + ["total"]:
+        vals = [sum(r.values()) if k == "total" else r.get(k, 0) for r in rows.values()]
+        print(f"| {k} | " + " | ".join(f"{v / gb:.3f}" for v in vals) + " |")
+
+
+if __name__ == "__main__":
+    main()
