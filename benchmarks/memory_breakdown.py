@@ -20,9 +20,9 @@ from linearize.recipe import load_recipe
 
 
 def _model(recipe):
+    from linearize.config import torch_dtype
     from linearize.convert import conversion_parameters, convert
     from linearize.sources import load_model, load_tokenizer
-    from linearize.config import torch_dtype
     from linearize.train.lora import _get_peft_model
 
     model = load_model(recipe.model, dtype=torch_dtype(recipe.model_dtype))
