@@ -3,6 +3,8 @@ a traceback only under --debug; a bug keeps its traceback and asks to be reporte
 
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import errno
 import importlib.util
@@ -213,7 +215,11 @@ def test_version(capsys):
 def test_dtype_choices_are_the_one_table():
     from linearize.config import DTYPE_NAMES
 
-    assert verbs._DTYPES == DTYPE_NAMES
+    for verb in ("convert", "bench", "eval"):
+        parser = argparse.ArgumentParser()
+        cli.VERBS[verb].add(parser)
+        (dtype,) = [a for a in parser._actions if a.dest == "dtype"]
+        assert tuple(dtype.choices) == DTYPE_NAMES, verb
 
 
 def test_damaged_weights_met_anywhere_are_one_line(capsys, monkeypatch):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from linearize.config import DTYPES
+from linearize.config import torch_dtype
 from linearize.environment import check_device
 
 logger = logging.getLogger(__name__)
@@ -46,8 +46,7 @@ class BenchConfig:
             raise ValueError(f"contexts must be positive token counts, got {self.contexts}")
         if self.batch < 1 or self.decode_steps < 1 or self.warmup_steps < 0 or self.max_batch < 0:
             raise ValueError("batch and decode_steps must be >= 1, warmup_steps and max_batch >= 0")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        torch_dtype(self.dtype)  # a ValueError listing the names for any other
         check_device(self.device)
         self.contexts = sorted(set(self.contexts))
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from linearize.checkpoint_files import CONFIG_FILE, verify_checkpoint_files
-from linearize.config import DTYPES
+from linearize.config import torch_dtype
 from linearize.errors import LinearizeError
 
 from . import measure
@@ -72,7 +72,7 @@ def load_pair(converted_dir: str | os.PathLike, teacher: str | os.PathLike | Non
                                 "with `linearize convert`)")
     verify_checkpoint_files(converted_dir)  # a truncated copy fails here, not after loading the teacher
     converted_config = _read_config(Path(converted_dir))
-    dtype = DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     teacher_model = load_model(teacher, dtype=dtype, device=cfg.device)
     check_pair(teacher_model.config, converted_config, teacher=str(teacher or "the default teacher"),
                converted=str(converted_dir))

@@ -8,6 +8,8 @@ import logging
 import math
 import sys
 
+from linearize.config import DTYPE_NAMES
+
 
 logger = logging.getLogger("linearize")
 
@@ -60,7 +62,6 @@ def _text(text: str) -> str:
 
 
 _POSITIVE_INT = _number(int, low=1)
-_DTYPES = ("float32", "bfloat16", "float16")  # linearize.config.DTYPE_NAMES, checked in tests (no torch here)
 
 def add_convert(p: argparse.ArgumentParser) -> None:
     from linearize.config import conversion_arguments
@@ -75,7 +76,7 @@ def add_convert(p: argparse.ArgumentParser) -> None:
         if kwargs.get("type") in (int, float):  # range-checked while parsing: the error names the option
             kwargs = {**kwargs, "type": _setting(kwargs["dest"], kwargs["type"])}
         p.add_argument(flag, **kwargs)
-    p.add_argument("--dtype", default="float32", choices=_DTYPES, help="dtype of the saved weights (default: float32)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the saved weights (default: float32)")
 
 
 def run_convert(args) -> None:
@@ -130,7 +131,7 @@ def add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", default="1k,2k,4k,8k,16k,32k", help="context lengths, e.g. 512,1k,2k (k = 1024)")
     p.add_argument("--batch", type=_POSITIVE_INT, default=1, help="batch of the prefill/decode-latency grid (default 1)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    p.add_argument("--dtype", default=None, choices=_DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--decode-steps", type=_POSITIVE_INT, default=16, help="timed single-token steps per context")
     p.add_argument("--warmup-steps", type=_number(int, low=0), default=2, help="untimed decode steps before them")
     p.add_argument("--throughput-context", type=_POSITIVE_INT, default=None,
@@ -235,7 +236,7 @@ def add_eval(p: argparse.ArgumentParser) -> None:
                    help="token lengths of the passkey documents (default 1024,2048,4096,8192; 1024 with --limit)")
     p.add_argument("--passkey-depths", default=None, help="key positions in [0, 1] (default 0,0.25,0.5,0.75,1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=_DTYPES)
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     p.add_argument("--out", default=None, help="report folder (default DIR/eval)")
     p.add_argument("--teacher-cache", default=None,
                    help="folder that keeps the teacher's answers (lm-eval's request cache), so that evaluating "
