@@ -142,14 +142,15 @@ def convert_to_folder(source, out_dir, config: ConversionConfig | None = None, d
                       overwrite: bool = False) -> Path:
     """Load a teacher, convert it and save the converted checkpoint folder.
 
-    The output folder is checked (:func:`linearize.outputs.check_output_dir`) before the teacher is
-    loaded, so a refused ``out_dir`` costs no time.
+    Cheapest checks first: the output folder (:func:`linearize.outputs.check_output_dir`) before the
+    source is resolved (a hub id may be looked up), the settings against the model's config before
+    its weights load; so a refused ``out_dir`` or setting costs no time.
     """
     from .sources import load_config, load_teacher, resolve_source
 
     torch_dtype_ = torch_dtype(dtype)
-    resolved = resolve_source(source)
-    check_output_dir(out_dir, what="converted checkpoint", overwrite=overwrite, sources=[resolved.path])
+    check_output_dir(out_dir, what="converted checkpoint", overwrite=overwrite, sources=[source])
+    resolved = resolve_source(source)  # (save_converted checks the output against its path again)
     check_conversion(load_config(resolved), config or ConversionConfig())  # seconds, before the weights
     model, tokenizer = load_teacher(resolved, dtype=torch_dtype_)
     model = convert(model, config, tokenizer=tokenizer)

@@ -87,7 +87,9 @@ def test_convert_option_out_of_range(capsys, tmp_path, argv, message):
 
 
 def test_convert_checks_out_before_the_model(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(linearize, "convert_to_folder", lambda *a, **k: pytest.fail("the model was loaded"))
+    import linearize.sources as sources
+
+    monkeypatch.setattr(sources, "resolve_source", lambda *a, **k: pytest.fail("the model was resolved"))
     start = time.perf_counter()
     code, err = run(capsys, "convert", "nobody/does-not-exist", "--out", "")
     assert time.perf_counter() - start < 5

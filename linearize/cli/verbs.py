@@ -80,15 +80,12 @@ def add_convert(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args) -> None:
-    from linearize.outputs import check_output_dir
-
-    # Cheap checks before the teacher loads: the output folder, then every setting.
-    check_output_dir(args.out, what="converted checkpoint", overwrite=args.overwrite, sources=[args.model])
     from linearize.config import SETTINGS, ConversionConfig
 
     config = ConversionConfig(**{name: getattr(args, name) for name in SETTINGS})
     import linearize
 
+    # convert_to_folder checks the output folder before it resolves or loads the teacher
     out = linearize.convert_to_folder(args.model, args.out, config, dtype=args.dtype, overwrite=args.overwrite)
     logger.info("converted checkpoint written to %s", out)
 
