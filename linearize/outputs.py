@@ -90,14 +90,15 @@ def _is_within(inner: Path, outer: Path) -> bool:
 
 
 def check_output_dir(path: str | os.PathLike | None, *, what: str, overwrite: bool = False,
-                     sources: Iterable[str | os.PathLike | None] = (), allow_existing_ours: bool = False,
+                     sources: Iterable[str | os.PathLike | None] = (), reuse_kind: str | None = None,
                      flag: str = "--out") -> Path:
     """Return ``path`` resolved if a verb may write its folder there; raise :class:`OutputError` if not.
 
     ``what`` names the output in messages ("converted checkpoint"). ``sources``: paths the verb
     reads (a teacher folder, a .gguf): the output may be neither one of them, inside one, nor hold
-    one. ``allow_existing_ours``: a folder of ours is fine without ``overwrite`` (a finetune run
-    folder that is resumed or extended).
+    one. ``reuse_kind``: a folder of ours of this kind (marker kind, e.g. ``finetune-run``) is fine
+    without ``overwrite`` (a run that is resumed, a report that is refreshed); one of another kind
+    is refused.
     """
     if path is None or str(path).strip() == "":
         raise OutputError(f"{flag} is empty: name a new folder for the {what}, e.g. {flag} out/model")
@@ -128,7 +129,11 @@ def check_output_dir(path: str | os.PathLike | None, *, what: str, overwrite: bo
             if kind is None:
                 raise OutputError(f"{flag} {path!s} is a folder with files linearize did not write: "
                                   f"choose a new or empty folder (nothing was changed)")
-            if not (overwrite or allow_existing_ours):
+            if reuse_kind is not None and kind != reuse_kind:
+                article = "an" if what[:1] in "aeiou" else "a"
+                raise OutputError(f"{flag} {path!s} holds a {kind.replace('-', ' ')}, not {article} {what}: "
+                                  f"choose another {flag}")
+            if not (overwrite or reuse_kind):
                 raise OutputError(f"{flag} {path!s} already holds a {kind.replace('-', ' ')}: pass "
                                   f"--overwrite to replace it, or choose another {flag}")
     _check_writable_parent(out, path, flag)

@@ -32,7 +32,7 @@ from linearize.checkpoint_files import (
     EVAL_FOLDER, EVAL_REPORT, EVAL_REPORT_KIND, EVAL_REPORT_SCHEMA, REPORT_CHART, REPORT_JSON, REPORT_MARKDOWN,
 )
 from linearize.errors import OutputError
-from linearize.outputs import MARKER, atomic_folder, atomic_write_json, check_output_dir, write_marker, written_by_linearize
+from linearize.outputs import atomic_folder, atomic_write_json, check_output_dir, write_marker, written_by_linearize
 
 from .runner import accuracy_stderr, higher_is_better, n_samples, primary_metric, task_metrics
 
@@ -211,15 +211,9 @@ def check_report_dir(out_dir: str | os.PathLike | None, checkpoint: str | os.Pat
         if resolved == ckpt or ckpt.is_relative_to(resolved):
             raise OutputError(f"{flag} {out_dir} is the checkpoint folder (or holds it): give the report a "
                               f"folder of its own, e.g. {flag} {Path(checkpoint) / EVAL_FOLDER} (the default)")
-    if out.is_dir() and any(out.iterdir()):
-        kind = written_by_linearize(out)
-        if kind is None and not (out / MARKER).exists() and _is_earlier_report(out):
-            write_marker(out, EVAL_REPORT_KIND)  # adopt a report folder from before the marker existed
-            kind = EVAL_REPORT_KIND
-        if kind is not None and kind != EVAL_REPORT_KIND:
-            raise OutputError(f"{flag} {out_dir} holds a {kind.replace('-', ' ')}, not an eval report: "
-                              f"choose another {flag}")
-    return check_output_dir(out, what="eval report", sources=sources, allow_existing_ours=True, flag=flag)
+    if out.is_dir() and written_by_linearize(out) is None and _is_earlier_report(out):
+        write_marker(out, EVAL_REPORT_KIND)  # adopt a report folder from before the marker existed
+    return check_output_dir(out, what="eval report", sources=sources, reuse_kind=EVAL_REPORT_KIND, flag=flag)
 
 
 def write_report_files(report: dict, folder: str | Path) -> dict[str, Path]:

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..config import torch_dtype
 from ..convert import conversion_parameters, convert, save_converted
-from ..errors import LinearizeError, OutputError
+from ..errors import LinearizeError
 from ..mixers import iter_mixers, teacher_attention
 from ..data import build_data
 from ..outputs import (
@@ -121,11 +121,8 @@ def _claim_output_dir(out: Path) -> FolderLock:
     """Refuse a folder that is not a finetune run of ours; lock it for this run; mark it ours."""
     if _run_before_markers(out):
         write_marker(out, RUN_KIND)
-    check_output_dir(out, what="finetune run", flag="output_dir", allow_existing_ours=True)
+    check_output_dir(out, what="finetune run", flag="output_dir", reuse_kind=RUN_KIND)
     kind = written_by_linearize(out) if out.is_dir() and any(out.iterdir()) else None
-    if kind not in (None, RUN_KIND):
-        raise OutputError(f"output_dir {out} holds a {kind.replace('-', ' ')}, not a finetune run: "
-                          "choose another output_dir")
     lock = FolderLock(out).acquire()
     out.mkdir(parents=True, exist_ok=True)
     if kind is None:
