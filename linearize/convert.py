@@ -78,18 +78,25 @@ def resolve_auto_layers(model: nn.Module, config: ConversionConfig, tokenizer=No
     if count is None:
         return config, None
     if tokenizer is None:
-        source = getattr(model, "linearize_source", None)
-        if source is None:
-            raise ValueError(f"keep_softmax_layers={config.keep_softmax_layers!r} probes the teacher on text: "
-                             "pass convert(..., tokenizer=...) (this model was not loaded by linearize.sources)")
-        from .sources import load_tokenizer
-
-        tokenizer = load_tokenizer(source)
+        tokenizer = _source_tokenizer(model)
+    if tokenizer is None:
+        raise ValueError(f"keep_softmax_layers={config.keep_softmax_layers!r} probes the teacher on text: "
+                         "pass convert(..., tokenizer=...) (this model was not loaded by linearize.sources)")
     from .layer_probe import probe_layers
 
     probe = probe_layers(model, tokenizer, count, window=config.window)
     probe["request"] = config.keep_softmax_layers
     return dataclasses.replace(config, keep_softmax_layers=probe["suggested"]), probe
+
+
+def _source_tokenizer(model: nn.Module):
+    """The tokenizer of the source ``model`` was loaded from by :mod:`linearize.sources`, or None."""
+    source = getattr(model, "linearize_source", None)
+    if source is None:
+        return None
+    from .sources import load_tokenizer
+
+    return load_tokenizer(source)
 
 
 def check_conversion(model_config, config: ConversionConfig) -> None:
@@ -125,10 +132,8 @@ def save_converted(model: PreTrainedModel, out_dir: str | os.PathLike, tokenizer
     source = getattr(model, "linearize_source", None)
     source_path = getattr(source, "path", None)
     out = check_output_dir(out_dir, what="converted checkpoint", overwrite=overwrite, sources=[source_path])
-    if tokenizer is None and source is not None:
-        from .sources import load_tokenizer
-
-        tokenizer = load_tokenizer(source)
+    if tokenizer is None:
+        tokenizer = _source_tokenizer(model)
     with atomic_folder(out, kind="converted-model", overwrite=overwrite) as tmp:
         model.config.auto_map = dict(AUTO_MAP)
         model.save_pretrained(tmp, safe_serialization=True)
