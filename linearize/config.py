@@ -20,14 +20,17 @@ import textwrap
 from dataclasses import dataclass, field
 from functools import lru_cache
 from numbers import Integral, Real
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 # The one table of weight dtypes a user can name (CLI --dtype, recipe model_dtype, eval, bench): names of
 # torch dtypes, kept free of torch so that parsing a command line stays instant.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
-def torch_dtype(name: str) -> "torch.dtype":
+def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype called ``name`` (one of :data:`DTYPE_NAMES`), or a ValueError that lists them."""
     if name not in DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
