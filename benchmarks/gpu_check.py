@@ -48,9 +48,10 @@ from linearize.outputs import atomic_write_json, check_output_dir, write_marker 
 RESULTS = REPO / "benchmarks" / "results" / "gpu"
 CARRY_DIR = RESULTS / "carry"
 KIND = "gpu-check"
-# (step, seconds) in run order; the GPU budgets add up to 455 s, under the 470 s default time limit.
+# (step, seconds) in run order; the GPU budgets add up to the 470 s default time limit (the first
+# H200 run: pytest_gpu 104 s, decode_kernels 14 s, kernels out of its 95 s in fla's autotuning).
 # pytest gets the most: it compiles and autotunes every kernel, fp32 and bf16, from an empty cache.
-BUDGETS = {"pytest_gpu": 170, "kernels": 95, "decode_kernels": 35, "model_bench": 80, "finetune": 75}
+BUDGETS = {"pytest_gpu": 130, "kernels": 170, "decode_kernels": 25, "model_bench": 80, "finetune": 65}
 REHEARSAL_BUDGETS = {name: 120 for name in BUDGETS}
 TIME_LIMIT_S = 470.0
 MIN_STEP_S = 10.0  # a step is skipped when less than this is left of the time limit

@@ -248,3 +248,23 @@ def cache_nbytes(cache: Cache) -> int:
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
     return total
+
+
+def output_cache(output) -> Cache | None:
+    """The cache a model's forward returned: ``output.cache`` in transformers >= 5.2x, the older
+    ``output.past_key_values`` before (both ship inside this project's version range)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def cache_kwarg(model) -> str:
+    """The name ``model``'s forward takes its cache by: ``cache`` where the signature has it (newer
+    transformers), else ``past_key_values`` (a name newer versions still accept, deprecated)."""
+    import inspect
+
+    forward = getattr(model, "forward", model)
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # a builtin or C-level callable: the long-standing name
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"

@@ -16,7 +16,6 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from .config import ConversionConfig
-from .surgery import build_converted
 
 MODEL_TYPE_PREFIX = "linearize_"
 
@@ -47,6 +46,10 @@ def linearized_classes(base_type: str) -> tuple[type[PreTrainedConfig], type[Pre
     )
 
     def __init__(self, config):
+        # imported here: this module is loaded by the hook that runs when transformers is first
+        # imported, possibly from inside linearize.cache, which surgery's imports need complete
+        from .surgery import build_converted
+
         base_model_cls.__init__(self, config)
         build_converted(self, base_type)
 

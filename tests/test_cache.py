@@ -81,3 +81,22 @@ def test_transformers_cache_update_is_refused_with_a_clear_error():
     layer = HybridCacheLayer(4)
     with pytest.raises(RuntimeError, match="updated by its mixer"):
         layer.update(torch.zeros(1, 2, 1, 3), torch.zeros(1, 2, 1, 3), {"cache_position": None})
+
+
+def test_cache_names_across_transformers_versions():
+    """transformers 5.17 (the GPU machines) returns and takes ``past_key_values``; 5.2x ``cache``:
+    the bench ran into ``'CausalLMOutputWithPast' object has no attribute 'cache'`` on the GPU."""
+    from types import SimpleNamespace
+
+    from linearize.cache import cache_kwarg, output_cache
+
+    new, old = object(), object()
+    assert output_cache(SimpleNamespace(cache=new, logits=None)) is new
+    assert output_cache(SimpleNamespace(past_key_values=old, logits=None)) is old
+    assert output_cache(SimpleNamespace(logits=None)) is None
+
+    def forward_new(input_ids=None, cache=None, use_cache=None, **kwargs): ...
+    def forward_old(input_ids=None, past_key_values=None, use_cache=None, **kwargs): ...
+
+    assert cache_kwarg(SimpleNamespace(forward=forward_new)) == "cache"
+    assert cache_kwarg(SimpleNamespace(forward=forward_old)) == "past_key_values"

@@ -421,3 +421,36 @@ def test_converted_model_on_triton_backend_equals_chunked(mixer, monkeypatch):
         stepped, _ = _prefill_then_decode(model, ids[:1], split=7)
     assert_close_rms(got, want, torch.float32, f"{mixer} full forward, triton vs chunked")
     assert_close_rms(stepped, want[:1], torch.float32, f"{mixer} prefill + decode on triton vs chunked forward")
+
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_ops_take_mixed_dtypes_under_autocast(backend):
+    """CUDA autocast returns bf16 projections but fp32 softmax feature maps and RoPE'd q/k: a GPU
+    finetune failed on "q, k, v must share a dtype". Under autocast every op runs in autocast's
+    dtype, the same as when given that dtype; without autocast mixed dtypes are still refused."""
+    B, T, H, Hkv, D = 1, 20, 4, 2, 8
+    q, k = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D)
+    fq, fk = q.softmax(-1), k.softmax(-1)  # fp32, as CUDA autocast leaves them
+    v = torch.randn(B, T, Hkv, D).bfloat16()
+    g = -torch.rand(B, T, Hkv, D)
+    bf = torch.bfloat16
+    with torch.autocast("cpu", dtype=bf):
+        o_gla, _ = kernels.gated_linear_attention(fq, fk, v, g, scale=1.0, backend=backend)
+        o_swa, _ = kernels.sliding_window_attention(q, k, v, window=4, backend=backend)
+        o_fused, _ = kernels.fused_liger_attention(fq, fk, g, q, k, v, window=4, backend=backend)
+        state = torch.zeros(B, Hkv, D, D)
+        o_step = kernels.gla_decode_step(fq[:, :1], fk[:, :1], v[:, :1], g[:, :1], state, backend=backend)
+    want_gla, _ = kernels.gated_linear_attention(fq.to(bf), fk.to(bf), v, g, scale=1.0, backend=backend)
+    want_swa, _ = kernels.sliding_window_attention(q.to(bf), k.to(bf), v, window=4, backend=backend)
+    want_fused, _ = kernels.fused_liger_attention(fq.to(bf), fk.to(bf), g, q.to(bf), k.to(bf), v, window=4,
+                                                  backend=backend)
+    want_step = kernels.gla_decode_step(fq[:, :1].to(bf), fk[:, :1].to(bf), v[:, :1], g[:, :1],
+                                        torch.zeros(B, Hkv, D, D), backend=backend)
+    for what, got, want in (("gla", o_gla, want_gla), ("swa", o_swa, want_swa), ("fused", o_fused, want_fused),
+                            ("decode step", o_step, want_step)):
+        assert got.dtype == bf, what
+        assert_close_rms(got, want, bf, f"{what} under autocast")  # autocast also casts ops inside chunked
+    if backend == "triton":
+        with pytest.raises(ValueError, match="must share a dtype"):
+            kernels.gated_linear_attention(fq, fk, v, g, backend=backend)

@@ -163,21 +163,26 @@ def _tokens(vocab: int, batch: int, length: int, device: torch.device, gen: torc
 
 
 def _prefill(model, ids: torch.Tensor):
+    from linearize.cache import output_cache
+
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    return out.cache, out.logits[:, -1:].argmax(-1)  # next token [B, 1]
+    return output_cache(out), out.logits[:, -1:].argmax(-1)  # next token [B, 1]
 
 
 def _decode_steps(model, cache, token: torch.Tensor, steps: int, device: torch.device) -> list[float]:
     """Seconds of each single-token step, continuing from ``cache``."""
+    from linearize.cache import cache_kwarg, output_cache
+
+    name = cache_kwarg(model)
     times = []
     for _ in range(steps):
         _sync(device)
         start = time.perf_counter()
-        out = model(input_ids=token, cache=cache, use_cache=True)
+        out = model(input_ids=token, use_cache=True, **{name: cache})
         token = out.logits[:, -1:].argmax(-1)  # [B, 1]
         _sync(device)
         times.append(time.perf_counter() - start)
-        cache = out.cache
+        cache = output_cache(out)
     return times
 
 

@@ -76,6 +76,21 @@ def _op(backend: str, op: str):
     return table[backend, op]
 
 
+def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The activations in autocast's dtype where autocast is on for their device, else unchanged.
+
+    Under mixed precision the projections come out in bf16/fp16 while softmax feature maps and
+    RoPE come out in fp32; the ops (like any custom op under autocast) run in autocast's dtype.
+    Decays, states and masks are not passed here: they keep their own dtypes.
+    """
+    like = next(t for t in tensors if t is not None)
+    device_type = like.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def gated_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -97,6 +112,7 @@ def gated_linear_attention(
     length of the chunked backend (None: ``chunked.CHUNK_SIZE``).
     """
     check_gla_inputs(q, k, v, g, initial_state, cu_seqlens)
+    q, k, v = _autocast(q, k, v)
     fn = _gla(resolve_backend(backend, q), chunk_size)
     return fn(
         q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
@@ -121,6 +137,7 @@ def sliding_window_attention(
     Returns o [B, Tq, H, D] (q.dtype) and lse [B, Tq, H] (fp32).
     """
     check_swa_inputs(q, k, v, window, key_mask, sinks)
+    q, k, v = _autocast(q, k, v)
     fn = _op(resolve_backend(backend, q), "swa")
     return fn(q, k, v, window=window, scale=scale, key_mask=key_mask, sinks=sinks)
 
@@ -150,6 +167,7 @@ def gla_decode_step(
     The Triton kernel has no backward; the other backends go through ``gated_linear_attention``.
     """
     check_gla_inputs(q, k, v, g, state, None)
+    q, k, v = _autocast(q, k, v)
     name = resolve_backend(backend, q)
     if name == "triton":
         return _triton_ops().gla_decode_step(q, k, v, g, state, scale=scale)
@@ -188,6 +206,7 @@ def fused_liger_attention(
     """
     check_gla_inputs(q_lin, k_lin, v, g, initial_state, cu_seqlens)
     check_swa_inputs(q, k, v, window, key_mask, sinks)
+    q_lin, k_lin, q, k, v = _autocast(q_lin, k_lin, q, k, v)
     name = resolve_backend(backend, q)
     if name == "triton":
         return _triton_ops().fused_liger_attention(
