@@ -57,11 +57,11 @@ DECODE_CONTEXTS = {"gpu": [1024 * 2**i for i in range(8)], "cpu": [32]}
 DECODE_SHAPE = {"gpu": [], "cpu": ["--heads", "1", "--head-dim", "16", "--window", "8"]}
 BENCH_CONTEXTS = {"gpu": [4096, 8192, 16384, 32768, 65536], "cpu": [32, 64]}
 BENCH_STEPS = {"gpu": (16, 2), "cpu": (2, 1)}  # (timed, untimed) decode steps per context
-BENCH_THROUGHPUT = {"gpu": (8192, 128), "cpu": (32, 2)}  # (context, largest batch tried: doubling from 1)
+BENCH_THROUGHPUT = {"gpu": (8192, 64), "cpu": (32, 2)}  # (context, largest batch tried: doubling from 1)
 BENCH_LAYERS = {"gpu": 30, "cpu": 2}
 # The rehearsal trains 4 tiny layers (keeping layer 1 as softmax instead of the recipe's 7..23) in
 # fp32: bf16 autocast on a CPU only slows the chunked path down and proves nothing about Triton.
-FINETUNE = {"gpu": dict(steps=20, seq_len=2048, precision="bf16", layers=30, overrides=[]),
+FINETUNE = {"gpu": dict(steps=12, seq_len=2048, precision="bf16", layers=30, overrides=[]),
             "cpu": dict(steps=2, seq_len=64, precision="fp32", layers=4,
                         overrides=["conversion.keep_softmax_layers=[1]"])}
 WARMUP_STEPS = {"gpu": 2, "cpu": 0}  # optimiser steps left out of the steady tokens/s (compilation, autotuning)
@@ -328,6 +328,7 @@ def model_bench(ctx: Context) -> dict:
     report["model"] = {"shape": shape | {"num_hidden_layers": BENCH_LAYERS[ctx.size]}, "weights": "random",
                        "conversion": dataclasses.asdict(conversion),
                        "teacher_attention": teacher.config._attn_implementation}
+    report["table"] = mb.format_table(report)  # kept with every partial write: a timeout keeps the table
     ctx.partial(report)
     tp_cfg = dataclasses.replace(cfg, max_batch=cap)
     vocab = teacher.config.vocab_size
@@ -339,6 +340,7 @@ def model_bench(ctx: Context) -> dict:
             report["results"]["throughput"][name] = {"context": tp_context, "status": f"error: {one_line(err)}"}
             errors.append(f"{name} throughput: {one_line(err)}")
             traceback.print_exc()
+        report["table"] = mb.format_table(report)
         ctx.partial(report)
     report["settings"]["max_batch"] = cap
     report["table"] = mb.format_table(report)
@@ -375,9 +377,17 @@ def finetune(ctx: Context) -> dict:
     stamps: list[float] = []
     losses: list[float] = []
 
+    warmup = WARMUP_STEPS[ctx.size]
+
     def callback(stage, step, metrics):
         stamps.append(time.perf_counter())
         losses.append(float(metrics["loss"]))
+        steady = len(stamps) - 1 - warmup
+        ctx.partial({"optimizer_steps": len(stamps), "losses": losses, "steady_steps": max(steady, 0),
+                     "tokens_per_step": tokens_per_step,
+                     "tokens_per_s_steady": (steady * tokens_per_step / (stamps[-1] - stamps[warmup])
+                                             if steady > 0 else None),
+                     "first_step_s": stamps[0] - start, "note": "partial: written after every optimiser step"})
 
     cuda = torch.device("cuda") if torch.cuda.is_available() and not ctx.rehearsal else None
     with tempfile.TemporaryDirectory(prefix="gpu_check_finetune_") as tmp:  # the run's folder: not kept
@@ -385,6 +395,7 @@ def finetune(ctx: Context) -> dict:
         data = work / "text.txt"
         data.write_text(offline_text(2 * size["steps"] * size["seq_len"]))  # bytes = tokens: 2x what the steps read
         recipe, overrides = finetune_recipe(ctx.size, data, work / "run")
+        tokens_per_step = recipe.train.batch_size * recipe.train.grad_accum * recipe.data.seq_len
         model = llama(SMOLLM2_135M if not ctx.rehearsal else TINY, num_hidden_layers=size["layers"])
         if cuda is not None:
             torch.cuda.reset_peak_memory_stats(cuda)
@@ -392,8 +403,6 @@ def finetune(ctx: Context) -> dict:
         result = linearize.train.finetune(recipe, model=model, tokenizer=byte_tokenizer(), callback=callback)
         wall = time.perf_counter() - start
         device = next(result.model.parameters()).device
-    tokens_per_step = recipe.train.batch_size * recipe.train.grad_accum * recipe.data.seq_len
-    warmup = WARMUP_STEPS[ctx.size]
     steady = len(stamps) - 1 - warmup  # the steps between the warm-up's last callback and the last one
     out = {
         "recipe": str(DEFAULT_RECIPE.relative_to(REPO)), "overrides": overrides,
@@ -403,6 +412,7 @@ def finetune(ctx: Context) -> dict:
         "tokenizer": "byte-level (257 ids): speed only", "device": str(device),
         "kernel_backend": kernels.resolve_backend(None, torch.empty(0, device=device)),
         "optimizer_steps": len(stamps), "tokens_per_step": tokens_per_step, "wall_s": wall,
+        "first_step_s": stamps[0] - start if stamps else None,  # model setup, data, Triton compilation
         "losses": losses,
         "tokens_per_s_steady": steady * tokens_per_step / (stamps[-1] - stamps[warmup]) if steady > 0 else None,
         "steady_steps": max(steady, 0),

@@ -295,7 +295,7 @@ def test_gpu_sizes_are_valid_settings(tmp_path):
 
     recipe, overrides = steps.finetune_recipe("gpu", tmp_path / "text.txt", tmp_path / "run")
     default = load_recipe(steps.DEFAULT_RECIPE)
-    assert recipe.stages == ["lora"] and recipe.lora.max_steps == 20 and recipe.train.precision == "bf16"
+    assert recipe.stages == ["lora"] and recipe.lora.max_steps == 12 and recipe.train.precision == "bf16"
     assert recipe.conversion == default.conversion and recipe.data.seq_len == default.data.seq_len == 2048
     assert (recipe.lora.r, recipe.lora.alpha, recipe.lora.targets) == (default.lora.r, default.lora.alpha,
                                                                        default.lora.targets)
