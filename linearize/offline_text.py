@@ -9,6 +9,8 @@ Stable API (imported by the finetune data code and by ``linearize/evals/``):
 - :func:`wiki_articles` ``(split="all" | "train" | "heldout") -> list[Article]``
 - :func:`capital_analogies` ``(sections=CAPITAL_SECTIONS) -> list[Analogy]``
 - :func:`gensim_data_path` ``(name) -> Path``
+- :func:`python_docs` ``(max_chars=PYTHON_DOC_MAX_CHARS) -> list[Article]``: text of another domain
+  than Wikipedia, for evaluation only (see its docstring)
 
 The Wikipedia split is fixed: articles keep the dump's order, and the LAST
 :data:`WIKI_HELDOUT_ARTICLES` (= 20) articles are the held-out evaluation set; ``"train"`` is every
@@ -144,3 +146,28 @@ def capital_analogies(sections: tuple[str, ...] | list[str] = CAPITAL_SECTIONS) 
             f"sections {sorted(missing)} are not in {ANALOGY_FILE}; available: {sorted(found)}"
         )
     return out
+
+
+# Each Python documentation topic is cut to this many characters (at a line end): the 79 topics of
+# Python 3.11 then hold ~108K characters (~30K tokens for SmolLM2), a few minutes of scoring on CPU.
+PYTHON_DOC_MAX_CHARS = 2000
+
+
+def python_docs(max_chars: int | None = PYTHON_DOC_MAX_CHARS) -> list[Article]:
+    """The Python language reference's topics as plain English prose (``pydoc_data.topics``, which
+    ships with CPython for ``help()``): text of another domain than the Wikipedia the finetunes
+    train on, held out of every recipe and design choice (evaluation only: the out-of-domain task).
+
+    Topics are sorted by name, each cut to ``max_chars`` characters at a line end (None: whole).
+    The text is the running interpreter's: scores compare within one Python minor version.
+    """
+    from pydoc_data.topics import topics
+
+    docs = []
+    for name in sorted(topics):
+        text = topics[name].strip()
+        if max_chars is not None and len(text) > max_chars:
+            end = text.rfind("\n", 0, max_chars)
+            text = text[: end if end > 0 else max_chars].rstrip()
+        docs.append(Article(title=name, text=text))
+    return docs

@@ -88,7 +88,8 @@ def test_task_names_are_checked_up_front(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "true")
     with pytest.raises(runner.UnknownTaskError, match="HF_DATASETS_OFFLINE"):
         runner.check_tasks(["piqa"])
-    assert runner.check_tasks(["linearize_offline"]) == (["linearize_wiki", "linearize_wiki512", CAPITALS, PASSKEY], [])
+    assert runner.check_tasks(["linearize_offline"]) == (["linearize_wiki", "linearize_wiki512", CAPITALS, PASSKEY,
+                                                         "linearize_pydoc"], [])
 
 
 def test_hub_unreachable_is_reported(monkeypatch):

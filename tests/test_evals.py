@@ -12,11 +12,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 pytest.importorskip("lm_eval")
 pytest.importorskip("gensim")
 
-from linearize.evals.config import CAPITALS, PASSKEY, WIKI, WIKI_WINDOWS, OfflineTaskConfig  # noqa: E402
+from linearize.evals.config import CAPITALS, PASSKEY, PYDOC, WIKI, WIKI_WINDOWS, OfflineTaskConfig  # noqa: E402
 from linearize.evals.data import PASSKEY_NEEDLE, PASSKEY_QUESTION, passkey_doc, prepare_tasks  # noqa: E402
 from linearize.evals.report import build_report, render_markdown, write_report  # noqa: E402
 from linearize.evals.runner import evaluate, parse_limit, split_tasks  # noqa: E402
-from linearize.offline_text import WIKI_HELDOUT_ARTICLES, capital_analogies, wiki_articles  # noqa: E402
+from linearize.offline_text import WIKI_HELDOUT_ARTICLES, capital_analogies, python_docs, wiki_articles  # noqa: E402
 from tiny_tokenizer import byte_tokenizer  # noqa: E402
 
 # Tiny shapes: byte tokens, passkey documents of a few hundred tokens.
@@ -25,10 +25,10 @@ TASK_CONFIG = OfflineTaskConfig(wiki_max_chars=300, wiki_window_tokens=48, passk
 LIMIT = 4
 
 
-def tiny_llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(vocab: int, seed: int = 0, positions: int = 1024) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=1024,
+                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=positions,
                          bos_token_id=vocab - 1, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
     return LlamaForCausalLM(config).eval()
 
@@ -139,7 +139,7 @@ def test_parse_limit():
 
 
 def test_split_tasks():
-    assert split_tasks("piqa,linearize_offline,piqa") == ([WIKI, WIKI_WINDOWS, CAPITALS, PASSKEY], ["piqa"])
+    assert split_tasks("piqa,linearize_offline,piqa") == ([WIKI, WIKI_WINDOWS, CAPITALS, PASSKEY, PYDOC], ["piqa"])
     with pytest.raises(ValueError, match="no tasks"):
         split_tasks(" , ")
 
@@ -168,6 +168,23 @@ def test_offline_tasks_through_lm_eval_match_direct_scores(model, tok, tasks_dir
     ll = sum(text_logprob(model, tok, d["text"]) for d in docs)
     n_tokens = sum(d["n_tokens"] for d in docs)
     assert got[WIKI_WINDOWS]["token_perplexity,none"] == pytest.approx(math.exp(-ll / n_tokens), rel=1e-4)
+
+
+def test_out_of_domain_task_scores_python_docs(tok, tasks_dir):
+    """linearize_pydoc: Python's documentation prose, no Wikipedia in it, scored like linearize_wiki
+    (a model whose context holds a whole 2,000-byte document: one window, scored here directly)."""
+    model = tiny_llama(len(tok), positions=2048)
+    docs = read_docs(tasks_dir, PYDOC)
+    assert [d["title"] for d in docs] == sorted(d["title"] for d in docs) and len(docs) >= 50
+    assert max(len(d["text"]) for d in docs) <= 2000 and min(len(d["text"]) for d in docs) > 0
+    assert {d["text"] for d in docs} == {a.text for a in python_docs()}
+    wiki_text = "\n".join(a.text for a in wiki_articles("all"))
+    assert not any(d["text"][:200] in wiki_text for d in docs), "out-of-domain text must not be in the training data"
+    results = evaluate(model, tok, [PYDOC], limit=2, batch_size=4, task_config=TASK_CONFIG, include_path=tasks_dir)
+    first = docs[:2]
+    ll = sum(text_logprob(model, tok, d["text"]) for d in first)
+    words = sum(len(d["text"].split()) for d in first)
+    assert results["results"][PYDOC]["word_perplexity,none"] == pytest.approx(math.exp(-ll / words), rel=1e-4)
 
 
 def induction_logits(ids: torch.Tensor, vocab: int) -> torch.Tensor:

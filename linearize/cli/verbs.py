@@ -220,7 +220,8 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, help="the teacher: hub id, folder, .gguf or 'smollm2-135m' (default)")
     p.add_argument("--tasks", default="linearize_offline",
                    help="comma-separated lm-eval tasks. Offline (no hub needed): linearize_wiki, linearize_wiki512, "
-                   "linearize_capitals, linearize_passkey, or linearize_offline for all four (default). Standard "
+                   "linearize_capitals, linearize_passkey, linearize_pydoc (out of domain), or linearize_offline for all "
+                   "of them (default). Standard "
                    "names (piqa, arc_easy, arc_challenge, hellaswag, winogrande, mmlu, ...) go to lm-eval unchanged")
     p.add_argument("--limit", default=None,
                    help="documents per task: N, a fraction below 1, or per task, e.g. 8,linearize_capitals=100 "

@@ -11,7 +11,9 @@ WIKI = "linearize_wiki"
 WIKI_WINDOWS = "linearize_wiki512"
 CAPITALS = "linearize_capitals"
 PASSKEY = "linearize_passkey"
-OFFLINE_TASKS = (WIKI, WIKI_WINDOWS, CAPITALS, PASSKEY)
+# Out of domain: Python's own documentation prose (never trained on; every recipe trains on Wikipedia).
+PYDOC = "linearize_pydoc"
+OFFLINE_TASKS = (WIKI, WIKI_WINDOWS, CAPITALS, PASSKEY, PYDOC)
 # The lm-eval tag (group of tasks) that selects all of them.
 OFFLINE_TAG = "linearize_offline"
 
@@ -23,6 +25,7 @@ PRIMARY_METRIC = {
     WIKI_WINDOWS: "token_perplexity",
     CAPITALS: "acc",
     PASSKEY: "acc",
+    PYDOC: "word_perplexity",
     "piqa": "acc",
     "arc_easy": "acc",
     "arc_challenge": "acc_norm",

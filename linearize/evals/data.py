@@ -30,9 +30,9 @@ from pathlib import Path
 
 import yaml
 
-from linearize.offline_text import capital_analogies, wiki_articles
+from linearize.offline_text import capital_analogies, python_docs, wiki_articles
 
-from .config import CAPITALS, OFFLINE_TAG, OFFLINE_TASKS, PASSKEY, WIKI, WIKI_WINDOWS, OfflineTaskConfig
+from .config import CAPITALS, OFFLINE_TAG, OFFLINE_TASKS, PASSKEY, PYDOC, WIKI, WIKI_WINDOWS, OfflineTaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,8 @@ def build_docs(task: str, tokenizer, config: OfflineTaskConfig) -> list[dict]:
         return [{**doc, "text": doc["text"][:cut]} if cut else doc for doc in wiki_docs(config)]
     if task == CAPITALS:
         return capital_docs(config)
+    if task == PYDOC:
+        return [{"title": doc.title, "text": doc.text} for doc in python_docs()]
     if tokenizer is None:
         raise ValueError(f"task {task} is built with the evaluated model's tokenizer; pass tokenizer=")
     if task == WIKI_WINDOWS:

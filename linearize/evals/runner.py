@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 # What `linearize eval` imports beyond the core install (the `eval` extra of pyproject.toml).
 EVAL_MODULES = {"lm_eval": "lm-eval", "matplotlib": "matplotlib", "gensim": "gensim"}
-OFFLINE_HINT = f"offline tasks are {', '.join(OFFLINE_TASKS)} (or {OFFLINE_TAG} for all four)"
+OFFLINE_HINT = f"offline tasks are {', '.join(OFFLINE_TASKS)} (or {OFFLINE_TAG} for all of them)"
 
 
 def require_eval_dependencies(what: str = "linearize eval") -> None:
