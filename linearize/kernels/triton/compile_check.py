@@ -120,7 +120,29 @@ def kernel_specs(dtype: str) -> list[tuple[str, object, dict, dict]]:
           "BN": swa.BLOCK_N, "BD": full_block(s["D"]), "BV": full_block(s["V"]), "HAS_MASK": True, "HAS_SINK": True,
           "STORE_SWA": True, "PREC": prec})
     )  # fmt: skip
+    specs += _delta_specs(p, prec, f32, i32)
     return specs
+
+
+def _delta_specs(p: str, prec: str, f32: str, i32: str) -> list:
+    """The gated delta-rule kernels (``delta.py``) at GPU shapes."""
+    from . import delta
+    from ._utils import block, full_block
+
+    s = GPU_SHAPES
+    dims = {"HKV": s["HKV"], "K": s["K"], "V": s["V"], "BT": delta.CHUNK_SIZE, "PREC": prec}
+    bv = block(s["V"], delta.BLOCK_V_MAX)
+    return [
+        ("delta._wu", delta._wu_kernel, {"k": p, "v": p, "beta": p, "gc": f32, "w": f32, "u": f32, "blocks": i32, "cu": i32},
+         {**dims, "BK": block(s["K"], delta.BLOCK_K_MAX), "BV": bv}),
+        ("delta._fwd_h", delta._fwd_h_kernel,
+         {"k": p, "w": f32, "u": f32, "gc": f32, "h": p, "dv": p, "h0": f32, "ht": f32, "cu": i32, "first": i32},
+         {**dims, "BK": full_block(s["K"]), "BV": bv, "HAS_H0": True, "STORE_HT": True}),
+        ("delta._decode", delta._decode_kernel,
+         {"q": p, "k": p, "v": p, "beta": p, "g": p, "state": f32, "o": p, "scale": "fp32", "T": "i32"},
+         {"H": s["H"], "HKV": s["HKV"], "K": s["K"], "V": s["V"], "BK": full_block(s["K"]), "BV": bv,
+          "SCALAR_G": False}),
+    ]  # fmt: skip
 
 
 def compile_all(
