@@ -37,6 +37,8 @@ ATTENTION_TRANSFER = ["stages=[attention_transfer,lora]", "attention_transfer.lr
 LIZARD = ["conversion.mixer=lizard", "lora.alpha=16"]
 SEPARATE = ["conversion.normalizer=separate"]
 SPLIT = ["conversion.normalizer=shared", "conversion.linear_span=beyond_window"]
+# Every layer kept as the teacher's softmax attention: the conversion changes nothing.
+TEACHER_ONLY = ["conversion.mixer=softmax"]
 
 # name -> (what it tests, overrides on the base recipe: Liger-GLA, LoRA r=8 on q,k,v, lr 1e-3)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -73,6 +75,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "gate-scalar": ("key-reused gate pooled to a scalar per head (normalized Liger)", [*SEPARATE, "conversion.gate=scalar"]),
     "tau-4": ("τ = 4, faster forgetting (normalized Liger)", [*SEPARATE, "conversion.gate_logit_normalizer=4"]),
     "tau-64": ("τ = 64, slower forgetting (normalized Liger)", [*SEPARATE, "conversion.gate_logit_normalizer=64"]),
+    # Controls (issue 16): what a row would get without the conversion. Every optimiser step of the
+    # budget goes to LoRA on the unconverted teacher, the same data in the same order: the honest
+    # recovery ratio is student / teacher-lora (it separates domain adaptation from recovery).
+    "teacher-lora": ("control: the teacher itself (no conversion) finetuned with the same LoRA on the same "
+                     "data and tokens", [*TEACHER_ONLY, "stages=[lora]"]),
 }
 # Variants whose kept layers come from another variant's per-layer transfer error: name -> (source, count).
 KEEP_BY_ERROR = {"lizard-keep-1in6-worst": ("lizard", 5)}

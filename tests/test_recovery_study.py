@@ -57,6 +57,21 @@ def test_study_runs_variants_and_writes_table(tmp_path, monkeypatch):
     assert study.main(argv) == 0
 
 
+def test_teacher_lora_control_trains_the_teacher_on_the_whole_budget(tmp_path):
+    """The control: no conversion (the start is the teacher), every step LoRA, the same tokens."""
+    recipe = tiny_base_recipe(tmp_path)
+    out = tmp_path / "study"
+    argv = ["--recipe", str(recipe), "--variants", "teacher-lora,lolcats-at", "--steps", "3", "--at-steps", "2",
+            "--out", str(out), "--runs", str(tmp_path / "runs")]
+    assert study.main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    control, student = rows["teacher-lora@3"], rows["lolcats-at@3"]
+    assert control["ppl_start"] == pytest.approx(control["ppl_teacher"], rel=1e-6)
+    assert control["ppl_finetuned"] < control["ppl_teacher"]
+    assert control["tokens"] == student["tokens"] and [t for t, _ in control["loss_curve"]] == [64, 128, 192]
+    assert control["transfer_layers"] is None and "mixer softmax" in control["what"]
+
+
 def test_worst_layers_and_bad_variants(tmp_path):
     row = {"variant": "x", "transfer_layers": [0, 2, 3, 5], "transfer_relative_mse": [0.1, 0.9, 0.3, 0.5]}
     assert study.worst_layers(row, 2) == [2, 5]
@@ -70,6 +85,9 @@ def test_worst_layers_and_bad_variants(tmp_path):
         from linearize.recipe import load_recipe
 
         load_recipe(study.BASE_RECIPE, overrides)  # every variant is a valid recipe
+    # the control also on the default recipe (the 60-minute runs): the teacher, LoRA only
+    control = load_recipe("recipes/smollm2-135m-cpu.yaml", study.VARIANTS["teacher-lora"][1])
+    assert control.stages == ["lora"] and control.conversion.mixer == "softmax"
 
 
 def test_rows_from_finished_finetunes(tmp_path):
