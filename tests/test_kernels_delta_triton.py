@@ -1,5 +1,4 @@
-"""The Triton gated delta rule equals the naive reference: outputs, final states (and, once the
-backward exists, every gradient). On CPU the kernels run in Triton's interpreter (conftest sets
+"""The Triton gated delta rule equals the naive reference: outputs, final states and every gradient. On CPU the kernels run in Triton's interpreter (conftest sets
 TRITON_INTERPRET=1); ``TRITON_INTERPRET=0 pytest -m gpu`` runs the same tests compiled on a GPU."""
 
 import os
@@ -54,9 +53,54 @@ def _check_forward(xs, h0, dtype, cu_seqlens=None):
     assert_close_rms(ht, rht, dtype, "final state")
 
 
+def _check_grads(xs, h0, dtype, cu_seqlens=None, final=True):
+    """Output, final state and the gradients of q, k, v, beta, g and the initial state."""
+    ours = [x.detach().requires_grad_() for x in xs] + ([] if h0 is None else [h0.clone().requires_grad_()])
+    ref = [x.detach().float().requires_grad_() for x in ours]
+    state = (lambda t: None if h0 is None else t[5])
+    o, ht = td.gated_delta_rule(*ours[:5], initial_state=state(ours), output_final_state=final, cu_seqlens=cu_seqlens)
+    ro, rht = gated_delta_rule_ref(*ref[:5], initial_state=state(ref), output_final_state=final, cu_seqlens=cu_seqlens)
+    assert o.dtype == dtype
+    assert_close_rms(o, ro, dtype, "o")
+    do = torch.randn_like(ro)
+    loss, rloss = (o.float() * do).sum(), (ro * do).sum()
+    if final:
+        assert_close_rms(ht, rht, dtype, "final state")
+        dht = torch.randn_like(rht)
+        loss, rloss = loss + (ht * dht).sum(), rloss + (rht * dht).sum()
+    else:
+        assert ht is None
+    names = ["q", "k", "v", "beta", "g", "initial_state"]
+    for name, a, b in zip(names, torch.autograd.grad(loss, ours), torch.autograd.grad(rloss, ref)):
+        assert a.dtype == (torch.float32 if name == "initial_state" else dtype)
+        assert torch.isfinite(a).all(), f"d{name} has NaN/inf"
+        assert_close_rms(a, b, dtype, f"d{name}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradients_match_reference(dtype, gate, device):
+    # B = 2, GQA 2 on 1, K = 20 (two key blocks of 16 in the interpreter), T = 36 ragged in chunks of 16
+    xs, h0 = _inputs(2, 36, 2, 1, 20, 16, gate, dtype, device, n_state=2)
+    _check_grads(xs, h0, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_packed_sequences(device):
+    cu = torch.tensor([0, 5, 5, 6, 40], dtype=torch.int32, device=device)  # empty and one-token sequences
+    xs, h0 = _inputs(1, 40, 2, 1, 16, 16, "channel", torch.float32, device, n_state=4)
+    _check_grads(xs, h0, torch.float32, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_strong_decay_without_states(device):
+    xs, _ = _inputs(1, 33, 2, 2, 16, 16, "scalar", torch.float32, device, decay=20.0)
+    _check_grads(xs, None, torch.float32, final=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, gate", [(torch.float32, "channel"), (torch.bfloat16, "scalar")], ids=str)
 def test_forward_matches_reference(dtype, gate, device):
     # GQA 4 on 2; K = 20 and V = 24 not multiples of the 16-blocks; T = 40 ragged in chunks of 16
     xs, h0 = _inputs(2, 40, 4, 2, 20, 24, gate, dtype, device, n_state=2)
@@ -94,21 +138,11 @@ def test_decode_step_matches_reference_in_place(dtype, gate, device):
     assert_close_rms(state, rht, torch.float32, "state")
 
 
-def test_backward_is_not_implemented_and_automatic_choice_avoids_it(monkeypatch):
-    xs, h0 = _inputs(1, 20, 2, 1, 16, 16, "channel", torch.float32, "cpu", n_state=1)
+def test_decode_step_refuses_gradients():
+    xs, h0 = _inputs(1, 2, 2, 1, 16, 16, "channel", torch.float32, "cpu", n_state=1)
     xs[0].requires_grad_()
-    o, _ = delta.gated_delta_rule(*xs, initial_state=h0, backend="triton")
-    with pytest.raises(NotImplementedError, match="no backward"):
-        o.sum().backward()
     with pytest.raises(ValueError, match="no backward"):
         delta.delta_decode_step(*xs, h0.clone(), backend="triton")
-    # as if on a GPU: the automatic choice is Triton, except when a gradient is needed
-    monkeypatch.setattr(delta, "resolve_backend", lambda backend, like: backend or "triton")
-    monkeypatch.delenv("LINEARIZE_KERNEL_BACKEND", raising=False)
-    assert delta._pick_backend(None, xs[0], xs) == "chunked"
-    with torch.no_grad():
-        assert delta._pick_backend(None, xs[0], xs) == "triton"
-    assert delta._pick_backend("triton", xs[0], xs) == "triton"
 
 
 def test_dispatcher_runs_triton_by_name():

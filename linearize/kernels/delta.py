@@ -13,8 +13,8 @@ key/value head (``σ`` of a projection).
 
 Backends, chosen like ``linearize.kernels.resolve_backend``: ``reference`` (``delta_reference.py``,
 naive fp32 loop), ``chunked`` (``delta_chunked.py``, the WY / UT-transform form in PyTorch) and
-``triton`` (``linearize.kernels.triton.delta``: chunked forward and decode step, no backward yet, so
-the automatic choice takes chunked for calls that need a gradient). Under autocast q, k, v run in autocast's dtype;
+``triton`` (``linearize.kernels.triton.delta``: chunked forward and backward, decode step).
+Under autocast q, k, v run in autocast's dtype;
 beta, g and the state keep theirs. Outputs come back in q's (possibly autocast) dtype.
 """
 
@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from functools import lru_cache
 from types import ModuleType
 
 import torch
 
-from . import BACKEND_ENV, _autocast, resolve_backend
+from . import _autocast, resolve_backend
 from .delta_chunked import gated_delta_rule as chunked_delta
 from .delta_reference import gated_delta_rule_ref
 from .delta_validate import check_chunk_size, check_delta_inputs
@@ -47,16 +46,6 @@ def _op(backend: str, chunk_size: int | None):
     if backend == "chunked":
         return functools.partial(chunked_delta, chunk_size=chunk_size)
     return gated_delta_rule_ref
-
-
-def _pick_backend(backend: str | None, like: torch.Tensor, inputs) -> str:
-    """``resolve_backend``, except that the automatic choice (no ``backend`` argument, no
-    ``LINEARIZE_KERNEL_BACKEND``) takes chunked instead of Triton when a gradient is needed: the
-    Triton delta rule is forward-only for now."""
-    name = resolve_backend(backend, like)
-    automatic = backend is None and not os.environ.get(BACKEND_ENV)
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-    return "chunked" if name == "triton" and automatic and needs_grad else name
 
 
 def gated_delta_rule(
@@ -85,7 +74,7 @@ def gated_delta_rule(
     check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens)
     check_chunk_size(chunk_size)
     q, k, v = _autocast(q, k, v)
-    fn = _op(_pick_backend(backend, q, (q, k, v, beta, g, initial_state)), chunk_size)
+    fn = _op(resolve_backend(backend, q), chunk_size)
     return fn(
         q, k, v, beta, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,

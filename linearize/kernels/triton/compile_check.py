@@ -125,19 +125,39 @@ def kernel_specs(dtype: str) -> list[tuple[str, object, dict, dict]]:
 
 
 def _delta_specs(p: str, prec: str, f32: str, i32: str) -> list:
-    """The gated delta-rule kernels (``delta.py``) at GPU shapes."""
-    from . import delta
+    """The gated delta-rule kernels (``delta.py``) at GPU shapes, and GLA's kernels it calls with
+    chunks of 16."""
+    from . import delta, gla
     from ._utils import block, full_block
 
     s = GPU_SHAPES
     dims = {"HKV": s["HKV"], "K": s["K"], "V": s["V"], "BT": delta.CHUNK_SIZE, "PREC": prec}
     bv = block(s["V"], delta.BLOCK_V_MAX)
+    gdims = {"H": s["H"], "HKV": s["HKV"], "K": s["K"], "V": s["V"], "BT": delta.CHUNK_SIZE, "BC": delta.CHUNK_SIZE,
+             "BK": block(s["K"], gla.BLOCK_K_MAX), "BV": block(s["V"], gla.BLOCK_V_MAX), "PREC": prec}  # fmt: skip
     return [
         ("delta._wu", delta._wu_kernel, {"k": p, "v": p, "beta": p, "gc": f32, "w": f32, "u": f32, "blocks": i32, "cu": i32},
          {**dims, "BK": block(s["K"], delta.BLOCK_K_MAX), "BV": bv}),
         ("delta._fwd_h", delta._fwd_h_kernel,
          {"k": p, "w": f32, "u": f32, "gc": f32, "h": p, "dv": p, "h0": f32, "ht": f32, "cu": i32, "first": i32},
          {**dims, "BK": full_block(s["K"]), "BV": bv, "HAS_H0": True, "STORE_HT": True}),
+        ("delta._bwd_dvi", delta._bwd_dvi_kernel,
+         {"q": p, "k": p, "gc": f32, "do": p, "dvi": f32, "blocks": i32, "cu": i32, "scale": "fp32"},
+         {**dims, "H": s["H"], "BK": block(s["K"], delta.BLOCK_K_MAX), "BV": bv}),
+        ("delta._bwd_dh", delta._bwd_dh_kernel,
+         {"q": p, "k": p, "w": f32, "gc": f32, "do": p, "dvi": f32, "dh": p, "dd": f32, "dht": f32, "dh0": f32,
+          "cu": i32, "first": i32, "scale": "fp32"},
+         {**dims, "H": s["H"], "BK": full_block(s["K"]), "BV": bv, "USE_DHT": True, "STORE_DH0": True}),
+        ("delta._bwd_wu", delta._bwd_wu_kernel,
+         {"k": p, "v": p, "beta": p, "gc": f32, "u": f32, "w": f32, "h": p, "dd": f32, "dv": f32, "dbeta": f32,
+          "dkr": f32, "dkra": f32, "dkwa": f32, "blocks": i32, "cu": i32},
+         {**dims, "BK": block(s["K"], delta.BLOCK_K_BWD), "BV": bv}),
+        ("delta._fwd_o(gla, BT=16)", gla._fwd_o_kernel,
+         {"q": p, "k": p, "v": p, "gc": f32, "h": p, "o": p, "blocks": i32, "cu": i32, "scale": "fp32"}, gdims),
+        ("delta._bwd_dq(gla, BT=16)", gla._bwd_dq_kernel,
+         {"k": p, "v": p, "gc": f32, "h": p, "do": p, "dq": f32, "blocks": i32, "cu": i32, "scale": "fp32"}, gdims),
+        ("delta._bwd_dk(gla, BT=16)", gla._bwd_dk_kernel,
+         {"q": p, "v": p, "gc": f32, "dh": p, "do": p, "dk": f32, "blocks": i32, "cu": i32, "scale": "fp32"}, gdims),
         ("delta._decode", delta._decode_kernel,
          {"q": p, "k": p, "v": p, "beta": p, "g": p, "state": f32, "o": p, "scale": "fp32", "T": "i32"},
          {"H": s["H"], "HKV": s["HKV"], "K": s["K"], "V": s["V"], "BK": full_block(s["K"]), "BV": bv,

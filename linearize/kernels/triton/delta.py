@@ -1,4 +1,4 @@
-"""Gated delta rule in Triton: chunked forward and a recurrent decode step (no backward yet).
+"""Gated delta rule in Triton: chunked forward and backward, and a recurrent decode step.
 
 Semantics are those of ``delta_reference.gated_delta_rule_ref``::
 
@@ -21,9 +21,13 @@ Forward (the WY / UT form of ``delta_chunked.py``; chunks of ``CHUNK_SIZE`` = 16
 4. ``gla._fwd_o``    o = scale·[(q ⊙ exp(b)) h + Σ_{s <= t} (q_t ⊙ exp(b_t − b_s))·k_s δ_s]: exactly
    the GLA output kernel with v replaced by Δ.
 
-Backward: not implemented; ``gated_delta_rule`` raises NotImplementedError when a gradient reaches
-it (the dispatcher picks the chunked backend for differentiable calls unless Triton is asked for
-by name). Decode: ``_decode`` holds a [K, BV] slice of the state in registers across 1..few tokens.
+Backward (intermediates recomputed): ``_bwd_dvi`` the intra-chunk part of dΔ; ``_bwd_dh`` walks
+the chunks backwards with dS in registers: dΔ = dΔ_intra + (K ⊙ exp(b_C − b)) dS_end and
+dS_start = exp(b_C) ⊙ dS_end + scale·(q ⊙ exp(b))ᵀ do − Wᵀ dΔ; ``_bwd_wu`` goes back through
+Δ = U − W S and the UT transform (dv, dβ, and dk as a read key via W and A's rows, as a write key
+via A's columns); GLA's ``_bwd_dq`` and ``_bwd_dk`` give the output and state terms with v = Δ;
+GLA's ``_bwd_dg`` turns dG_t = q_t⊙dq_t + k_t⊙dk_read − k_t⊙dk_write into the decay gradient.
+Decode: ``_decode`` holds a [K, BV] slice of the state in registers across 1..few tokens.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ CHUNK_SIZE = 16
 16-step forward substitution in registers; flash-linear-attention uses 64 with blockwise inverses)."""
 BLOCK_K_MAX = 64
 """Largest key block of ``_wu`` on GPUs (a [BT, BT, BK] fp32 tile)."""
+BLOCK_K_BWD = 32
+"""Key block of ``_bwd_wu`` on GPUs: it holds several [BT, BT, BK] tiles at once (64 spills in bf16)."""
 BLOCK_V_MAX = 32
 """Value columns per ``_fwd_h`` / ``_decode`` program on GPUs: a [K, 32] fp32 state stays in
 registers for K <= 256."""
@@ -61,21 +67,11 @@ def _tile(ptr, rows, rmask, stride, cols, cmask):
 
 
 @triton.jit
-def _wu_kernel(
-    k, v, beta, gc, w, u, blocks, cu,
-    HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    """W, U (fp32) of one chunk of one KV head.  grid (NT, HKV)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+def _chunk_inverse(k, beta, gc, t, mt, i_h, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """(I + A)⁻¹ [BT, BT] of one chunk (rows ``t``), A[t, s] = β_t Σ_d k_t,d k_s,d exp(b_t,d − b_s,d)
+    for s < t, and β [BT]."""
     NK: tl.constexpr = (K + BK - 1) // BK
-    NV: tl.constexpr = (V + BV - 1) // BV
-    n = tl.load(blocks + 2 * i_c)
-    t0 = tl.load(blocks + 2 * i_c + 1).to(tl.int64)
-    eos = tl.load(cu + n + 1).to(tl.int64)
     o_t = tl.arange(0, BT)
-    t = t0 + o_t
-    mt = t < eos
     b_beta = tl.load(beta + t * HKV + i_h, mask=mt, other=0.0).to(tl.float32)  # [BT]
     strict = o_t[:, None] > o_t[None, :]
     A = tl.zeros([BT, BT], dtype=tl.float32)
@@ -93,7 +89,25 @@ def _wu_kernel(
         row = tl.sum(tl.where(o_t[:, None] == i, A, 0.0), axis=0)  # [BT]
         row = row + tl.sum(row[:, None] * A, axis=0)
         A = tl.where(o_t[:, None] == i, row[None, :], A)
-    Tinv = A + (o_t[:, None] == o_t[None, :]).to(tl.float32)
+    return A + (o_t[:, None] == o_t[None, :]).to(tl.float32), b_beta
+
+
+@triton.jit
+def _wu_kernel(
+    k, v, beta, gc, w, u, blocks, cu,
+    HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """W, U (fp32) of one chunk of one KV head.  grid (NT, HKV)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    NK: tl.constexpr = (K + BK - 1) // BK
+    NV: tl.constexpr = (V + BV - 1) // BV
+    n = tl.load(blocks + 2 * i_c)
+    t0 = tl.load(blocks + 2 * i_c + 1).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    t = t0 + tl.arange(0, BT)
+    mt = t < eos
+    Tinv, b_beta = _chunk_inverse(k, beta, gc, t, mt, i_h, HKV, K, BT, BK)
     for i_k in range(NK):
         o_k = i_k * BK + tl.arange(0, BK)
         mk = o_k < K
@@ -154,6 +168,162 @@ def _fwd_h_kernel(
 
 
 @triton.jit
+def _bwd_dvi_kernel(
+    q, k, gc, do, dvi, blocks, cu, scale,
+    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Intra-chunk part of dΔ: scale·Σ_g Σ_{t >= s} P_g[t, s] do_g[t] (fp32).  grid (NV, NT, HKV)."""
+    i_v, i_c, i_hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NK: tl.constexpr = (K + BK - 1) // BK
+    G: tl.constexpr = H // HKV
+    n = tl.load(blocks + 2 * i_c)
+    t0 = tl.load(blocks + 2 * i_c + 1).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    t = t0 + tl.arange(0, BT)
+    mt = t < eos
+    o_v = i_v * BV + tl.arange(0, BV)
+    mv = o_v < V
+    causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_g in range(G):
+        i_q = i_hk * G + i_g
+        P = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(NK):
+            o_k = i_k * BK + tl.arange(0, BK)
+            mk = o_k < K
+            m_tk = mt[:, None] & mk[None, :]
+            b_q = _tile(q + i_q * K, t, mt, H * K, o_k, mk).to(tl.float32)
+            b_k = _tile(k + i_hk * K, t, mt, HKV * K, o_k, mk).to(tl.float32)
+            b_g = _tile(gc + i_hk * K, t, mt, HKV * K, o_k, mk)
+            d = tl.where(m_tk[:, None, :] & causal[:, :, None], b_g[:, None, :] - b_g[None, :, :], float("-inf"))
+            P += tl.sum(b_q[:, None, :] * b_k[None, :, :] * tl.exp(d), axis=2)
+        b_do = _tile(do + i_q * V, t, mt, H * V, o_v, mv).to(tl.float32)
+        acc += _dot(tl.trans(P), b_do, PREC)
+    tl.store(dvi + (t[:, None] * HKV + i_hk) * V + o_v[None, :], acc * scale, mask=mt[:, None] & mv[None, :])
+
+
+@triton.jit
+def _bwd_dh_kernel(
+    q, k, w, gc, do, dvi, dh, dd, dht, dh0, cu, first, scale,
+    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Backwards over the chunks: dh[c] = dL/d(state at the end of chunk c), dΔ (``dd``, fp32) and
+    dL/d(initial state).  grid (NV, N * HKV); BK covers all of K."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // HKV, i_nh % HKV
+    G: tl.constexpr = H // HKV
+    bos = tl.load(cu + i_n).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    c0 = tl.load(first + i_n).to(tl.int64)
+    nc = tl.load(first + i_n + 1).to(tl.int64) - c0
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mk, mv = o_k < K, o_v < V
+    m_kv = mk[:, None] & mv[None, :]
+    kv_off = o_k[:, None] * V + o_v[None, :]
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        dS += tl.load(dht + i_nh.to(tl.int64) * K * V + kv_off, mask=m_kv, other=0.0).to(tl.float32)
+    for c in range(nc):
+        cc = nc - 1 - c
+        tl.store(dh + ((c0 + cc) * HKV + i_h) * K * V + kv_off, dS.to(dh.dtype.element_ty), mask=m_kv)
+        t0 = bos + cc * BT
+        t = t0 + tl.arange(0, BT)
+        mt = t < eos
+        m_tk = mt[:, None] & mk[None, :]
+        m_tv = mt[:, None] & mv[None, :]
+        last = tl.minimum(t0 + BT, eos) - 1
+        b_gl = tl.load(gc + (last * HKV + i_h) * K + o_k, mask=mk, other=0.0)  # [BK]
+        b_g = _tile(gc + i_h * K, t, mt, HKV * K, o_k, mk)
+        b_k = _tile(k + i_h * K, t, mt, HKV * K, o_k, mk).to(tl.float32)
+        b_kd = tl.where(m_tk, b_k * tl.exp(tl.where(m_tk, b_gl[None, :] - b_g, 0.0)), 0.0)
+        b_dd = _tile(dvi + i_h * V, t, mt, HKV * V, o_v, mv) + _dot(b_kd, dS, PREC)  # [BT, BV]
+        tl.store(dd + (t[:, None] * HKV + i_h) * V + o_v[None, :], b_dd, mask=m_tv)
+        b_w = _tile(w + i_h * K, t, mt, HKV * K, o_k, mk)  # [BT, BK] fp32
+        dS = dS * tl.exp(b_gl)[:, None] - _dot(tl.trans(b_w), b_dd, PREC)
+        b_eg = tl.exp(tl.where(m_tk, b_g, 0.0)) * scale
+        for i_g in range(G):
+            i_q = i_h * G + i_g
+            b_q = _tile(q + i_q * K, t, mt, H * K, o_k, mk).to(tl.float32)
+            b_do = _tile(do + i_q * V, t, mt, H * V, o_v, mv).to(tl.float32)
+            dS += _dot(tl.trans(b_q * b_eg), b_do, PREC)
+    if STORE_DH0:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + kv_off, dS, mask=m_kv)
+
+
+@triton.jit
+def _bwd_wu_kernel(
+    k, v, beta, gc, u, w, h, dd, dv, dbeta, dkr, dkra, dkwa, blocks, cu,
+    HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Through Δ = U − W S and the UT transform of one chunk of one KV head: dv, dβ and the key
+    gradients as a read key (``dkr`` via W, ``dkra`` via A) and as a write key (``dkwa`` via A).
+    grid (NT, HKV)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    NK: tl.constexpr = (K + BK - 1) // BK
+    NV: tl.constexpr = (V + BV - 1) // BV
+    n = tl.load(blocks + 2 * i_c)
+    t0 = tl.load(blocks + 2 * i_c + 1).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    mt = t < eos
+    Tinv, b_beta = _chunk_inverse(k, beta, gc, t, mt, i_h, HKV, K, BT, BK)
+    TinvT = tl.trans(Tinv)
+    dA = tl.zeros([BT, BT], dtype=tl.float32)  # dL/dA without its sign: A's gradient is −tril(dA)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range(NV):  # U = Tinv diag(β) V, dU = dΔ
+        o_v = i_v * BV + tl.arange(0, BV)
+        mv = o_v < V
+        m_tv = mt[:, None] & mv[None, :]
+        b_dy = _dot(TinvT, _tile(dd + i_h * V, t, mt, HKV * V, o_v, mv), PREC)  # dL/d(β V) [BT, BV]
+        b_v = _tile(v + i_h * V, t, mt, HKV * V, o_v, mv).to(tl.float32)
+        tl.store(dv + (t[:, None] * HKV + i_h) * V + o_v[None, :], b_dy * b_beta[:, None], mask=m_tv)
+        b_dbeta += tl.sum(b_dy * b_v, axis=1)
+        dA += _dot(b_dy, tl.trans(_tile(u + i_h * V, t, mt, HKV * V, o_v, mv)), PREC)
+    for i_k in range(NK):  # W = Tinv diag(β)(K ⊙ exp(b)), dW = −dΔ Sᵀ
+        o_k = i_k * BK + tl.arange(0, BK)
+        mk = o_k < K
+        m_tk = mt[:, None] & mk[None, :]
+        b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_v in range(NV):
+            o_v = i_v * BV + tl.arange(0, BV)
+            mv = o_v < V
+            b_h = tl.load(
+                h + ((i_c * HKV + i_h) * K + o_k[:, None]) * V + o_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0
+            ).to(tl.float32)
+            b_dw -= _dot(_tile(dd + i_h * V, t, mt, HKV * V, o_v, mv), tl.trans(b_h), PREC)
+        b_dy = _dot(TinvT, b_dw, PREC)  # dL/d(β K ⊙ exp(b)) [BT, BK]
+        b_k = _tile(k + i_h * K, t, mt, HKV * K, o_k, mk).to(tl.float32)
+        b_e = tl.exp(tl.where(m_tk, _tile(gc + i_h * K, t, mt, HKV * K, o_k, mk), 0.0))
+        b_dbeta += tl.sum(b_dy * b_k * b_e, axis=1)
+        tl.store(dkr + (t[:, None] * HKV + i_h) * K + o_k[None, :], b_dy * b_e * b_beta[:, None], mask=m_tk)
+        dA += _dot(b_dy, tl.trans(_tile(w + i_h * K, t, mt, HKV * K, o_k, mk)), PREC)
+    strict = o_t[:, None] > o_t[None, :]
+    dA = tl.where(strict & mt[:, None] & mt[None, :], -dA, 0.0)
+    dM = dA * b_beta[:, None]  # A[t, s] = β_t M[t, s]
+    for i_k in range(NK):  # M[t, s] = Σ_d k_t,d k_s,d exp(b_t,d − b_s,d)
+        o_k = i_k * BK + tl.arange(0, BK)
+        mk = o_k < K
+        m_tk = mt[:, None] & mk[None, :]
+        b_k = _tile(k + i_h * K, t, mt, HKV * K, o_k, mk).to(tl.float32)
+        b_g = _tile(gc + i_h * K, t, mt, HKV * K, o_k, mk)
+        d = tl.where(strict[:, :, None] & m_tk[:, None, :], b_g[:, None, :] - b_g[None, :, :], float("-inf"))
+        E = tl.exp(d)  # [BT(t), BT(s), BK]
+        kkE = b_k[:, None, :] * b_k[None, :, :] * E
+        b_dbeta += tl.sum(dA * tl.sum(kkE, axis=2), axis=1)
+        b_dkr = tl.sum(dM[:, :, None] * b_k[None, :, :] * E, axis=1)  # k_t as the read key
+        b_dkw = tl.sum(dM[:, :, None] * b_k[:, None, :] * E, axis=0)  # k_s as the write key
+        tl.store(dkra + (t[:, None] * HKV + i_h) * K + o_k[None, :], b_dkr, mask=m_tk)
+        tl.store(dkwa + (t[:, None] * HKV + i_h) * K + o_k[None, :], b_dkw, mask=m_tk)
+    tl.store(dbeta + t * HKV + i_h, b_dbeta, mask=mt)
+
+
+@triton.jit
 def _decode_kernel(
     q, k, v, beta, g, state, o, scale, T,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -195,9 +365,9 @@ def _decode_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
-def delta_forward(q, k, v, beta, g, h0, seqs: gla.Seqs, scale: float, want_final: bool):
-    """o [Ttot, H, V] (q.dtype) and the fp32 final state (or None) of flattened inputs:
-    q [Ttot, H, K]; k, g [Ttot, Hkv, K]; v [Ttot, Hkv, V]; beta [Ttot, Hkv]."""
+def _forward_parts(q, k, v, beta, g, h0, seqs: gla.Seqs, want_final: bool):
+    """Chunk-local log decay gc, W, U (fp32), chunk-start states h and corrected values Δ (v.dtype),
+    and the fp32 final state (or None)."""
     Ttot, Hkv, K = k.shape
     V = v.shape[-1]
     BT = seqs.chunk
@@ -214,23 +384,86 @@ def delta_forward(q, k, v, beta, g, h0, seqs: gla.Seqs, scale: float, want_final
         k, w, u, gc, h, dv, h0, ht, seqs.cu, seqs.first, Hkv, K, V, BT, full_block(K), BV,
         h0 is not None, want_final, prec,
     )  # fmt: skip
-    o = gla.gla_output(q, k, dv, gc, h, seqs, scale)
-    return o, ht
+    return gc, w, u, h, dv, ht
+
+
+def delta_forward(q, k, v, beta, g, h0, seqs: gla.Seqs, scale: float, want_final: bool):
+    """o [Ttot, H, V] (q.dtype) and the fp32 final state (or None) of flattened inputs:
+    q [Ttot, H, K]; k, g [Ttot, Hkv, K]; v [Ttot, Hkv, V]; beta [Ttot, Hkv]."""
+    gc, _, _, h, dv, ht = _forward_parts(q, k, v, beta, g, h0, seqs, want_final)
+    return gla.gla_output(q, k, dv, gc, h, seqs, scale), ht
+
+
+def delta_backward(q, k, v, beta, g, do, dht, ht, h0, seqs: gla.Seqs, scale: float):
+    """Gradients of q, k, v, beta, g (their dtypes) and of the initial state (fp32, or None).
+
+    The forward intermediates are recomputed. Key gradients come in two roles: k_t as a write key
+    (the output's and the state's k_s, A's columns) and as a read key (W's K ⊙ exp(b), A's rows);
+    the decay gradient uses the identity dG_t = q_t⊙dq_t + k_t⊙dk_read,t − k_t⊙dk_write,t (G the
+    cumulative log decay over the sequence; the final state adds Σ_v S_T ⊙ dS_T), reverse-summed
+    per sequence by GLA's ``_bwd_dg``.
+    """
+    Ttot, H, K = q.shape
+    Hkv, V = k.shape[1], v.shape[-1]
+    BT = seqs.chunk
+    BK, BV = block(K, BLOCK_K_MAX), block(V, BLOCK_V_MAX)
+    NV = triton.cdiv(V, BV)
+    prec = dot_precision(v.dtype)
+    do = do.to(v.dtype).contiguous()
+    gc, w, u, h, delta, _ = _forward_parts(q, k, v, beta, g, h0, seqs, False)
+    f32 = {"dtype": torch.float32, "device": q.device}
+    dvi = torch.empty(Ttot, Hkv, V, **f32)
+    _bwd_dvi_kernel[(NV, seqs.n_chunks, Hkv)](
+        q, k, gc, do, dvi, seqs.blocks, seqs.cu, scale, H, Hkv, K, V, BT, BK, BV, prec
+    )  # fmt: skip
+    dh = torch.empty_like(h)
+    dd = torch.empty(Ttot, Hkv, V, **f32)
+    dh0 = torch.empty(seqs.n_seq, Hkv, K, V, **f32) if h0 is not None else None
+    _bwd_dh_kernel[(NV, seqs.n_seq * Hkv)](
+        q, k, w, gc, do, dvi, dh, dd, dht, dh0, seqs.cu, seqs.first, scale, H, Hkv, K, V, BT, full_block(K), BV,
+        dht is not None, h0 is not None, prec,
+    )  # fmt: skip
+    dv, dbeta = torch.empty(Ttot, Hkv, V, **f32), torch.empty(Ttot, Hkv, **f32)
+    dkr, dkra, dkwa = (torch.empty(Ttot, Hkv, K, **f32) for _ in range(3))
+    _bwd_wu_kernel[(seqs.n_chunks, Hkv)](
+        k, v, beta, gc, u, w, h, dd, dv, dbeta, dkr, dkra, dkwa, seqs.blocks, seqs.cu, Hkv, K, V, BT,
+        block(K, BLOCK_K_BWD), BV, prec,
+    )  # fmt: skip
+    # The output and state terms are GLA's with v replaced by Δ (dh: gradients at chunk ends).
+    BKg, BVg = block(K, gla.BLOCK_K_MAX), block(V, gla.BLOCK_V_MAX)
+    args = (seqs.blocks, seqs.cu, scale, H, Hkv, K, V, BT, BT, BKg, BVg, prec)
+    dq = torch.empty(Ttot, H, K, **f32)
+    dkw = torch.empty(Ttot, Hkv, K, **f32)
+    gla._bwd_dq_kernel[(triton.cdiv(K, BKg), seqs.n_chunks, H)](k, delta, gc, h, do, dq, *args)
+    gla._bwd_dk_kernel[(triton.cdiv(K, BKg), seqs.n_chunks, Hkv)](q, delta, gc, dh, do, dkw, *args)
+    dk_read, dk_write = dkr + dkra, dkw + dkwa
+    dg = torch.empty(Ttot, Hkv, K, **f32)
+    gla._bwd_dg_kernel[(triton.cdiv(K, BKg), seqs.n_seq * Hkv)](
+        q, k, dq, dk_write - dk_read, ht, dht, dg, seqs.cu, seqs.first, H, Hkv, K, V, BT, BKg, BVg, dht is not None
+    )  # fmt: skip
+    dk = dk_read + dk_write
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dg.to(g.dtype), dh0
 
 
 class GatedDeltaRule(torch.autograd.Function):
-    """Forward-only autograd wrapper: the backward raises NotImplementedError."""
+    """Autograd wrapper over the chunked kernels; inputs are flattened ``[B*T, heads, dim]``."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, scale, h0, output_final_state, seqs):
-        return delta_forward(q, k, v, beta, g, h0, seqs, scale, output_final_state)
+        o, ht = delta_forward(q, k, v, beta, g, h0, seqs, scale, output_final_state)
+        ctx.save_for_backward(q, k, v, beta, g, h0, ht)
+        ctx.scale, ctx.seqs = scale, seqs
+        ctx.set_materialize_grads(False)
+        return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        raise NotImplementedError(
-            "the Triton gated delta rule has no backward yet; use backend='chunked' (or backend=None, which "
-            "picks chunked when a gradient is needed) to differentiate"
-        )
+        q, k, v, beta, g, h0, ht = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(q.shape[:2] + v.shape[-1:], dtype=q.dtype, device=q.device)
+        dht = None if dht is None else dht.float().contiguous()
+        dq, dk, dv, dbeta, dg, dh0 = delta_backward(q, k, v, beta, g, do, dht, ht, h0, ctx.seqs, ctx.scale)
+        return dq, dk, dv, dbeta, dg, None, dh0, None, None
 
 
 def _check(q, k, v, beta, g, state, cu_seqlens):
@@ -256,7 +489,7 @@ def gated_delta_rule(
     """Gated delta rule, chunked Triton forward. Shapes as ``delta_reference.gated_delta_rule_ref``:
     q [B, T, H, K]; k [B, T, Hkv, K]; v [B, T, Hkv, V]; beta [B, T, Hkv]; g [B, T, Hkv, K] or
     [B, T, Hkv]; initial_state [N, Hkv, K, V]; cu_seqlens [N + 1] (B == 1). Returns o [B, T, H, V]
-    in q.dtype and the fp32 final state (or None). Not differentiable (NotImplementedError)."""
+    in q.dtype and the fp32 final state (or None). Differentiable in q, k, v, beta, g, initial_state."""
     _check(q, k, v, beta, g, initial_state, cu_seqlens)
     B, T, H, K = q.shape
     Hkv, V = k.shape[2], v.shape[-1]
