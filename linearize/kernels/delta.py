@@ -68,8 +68,9 @@ def gated_delta_rule(
     beta: [B, T, Hkv] in (0, 1); g: [B, T, Hkv, K] (per key channel) or [B, T, Hkv] (scalar) log
     decay <= 0; initial_state: [N, Hkv, K, V] fp32; cu_seqlens: [N + 1] offsets of packed sequences
     (B == 1, the state restarts at each). Returns o [B, T, H, V] (q.dtype) and the fp32 final state
-    [N, Hkv, K, V] when ``output_final_state``. ``chunk_size``: chunk length of the chunked / Triton
-    backends (None: their default). Differentiable in q, k, v, beta, g and initial_state.
+    [N, Hkv, K, V] when ``output_final_state``. ``chunk_size``: chunk length of the chunked backend
+    (None: ``delta_chunked.CHUNK_SIZE``; the Triton kernels always use 16, the reference has none).
+    Differentiable in q, k, v, beta, g and initial_state on every backend.
     """
     check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens)
     check_chunk_size(chunk_size)
