@@ -45,6 +45,7 @@ FEATURE_MAPS = ("softmax", "hedgehog")
 MIXES = ("fixed", "learned")
 NORMALIZERS = ("none", "separate", "shared")
 LINEAR_SPANS = ("all", "beyond_window")
+LINEARS = ("gla", "delta")
 
 MAX_WINDOW = 1_048_576
 """Longest sliding window (and most sink tokens) accepted, in tokens: 1M. The window's KV buffer and
@@ -111,6 +112,7 @@ SETTINGS: dict[str, Setting] = {
     "sink_tokens": Setting("--sink-tokens", int, low=0, high=MAX_WINDOW, unit=" tokens"),
     "keep_softmax_layers": Setting("--keep-softmax", list),
     "chunk_size": Setting("--chunk-size", int, low=1, high=MAX_CHUNK_SIZE, unit=" tokens"),
+    "linear": Setting("--linear", str, LINEARS),
 }
 
 
@@ -219,9 +221,21 @@ class ConversionConfig:
     chunk_size: int = 64
     """Chunk length of the chunked PyTorch path, the one without a GPU (a speed setting: results agree
     to rounding); the Triton kernels keep their own."""
+    linear: str = "gla"
+    """Update rule of the linear branch: ``gla`` adds φk(k)ᵀv to the decayed state (Liger, Lizard);
+    ``delta`` is the gated delta rule (Gated DeltaNet / Kimi's KDA), S_t = diag(α_t) S_{t−1} +
+    β_t k_t (v_t − (diag(α_t) S_{t−1})ᵀ k_t)ᵀ, which overwrites what a key stored instead of adding to it.
+    With ``delta`` the same gate decays the state (per-channel gates as KDA, ``scalar``/``learned`` as
+    Gated DeltaNet), φq(q) and φk(k) are L2-normalised per head, the write strength
+    β_t = σ(W_β x_t) is a new projection per key/value head (starts at β = 0.5), an unset normalizer
+    is ``none``, ``separate`` is refused, and ``shared`` weighs the window against the delta read-out
+    by the state's match mass (README, "The delta-rule linear branch")."""
 
     def __post_init__(self) -> None:
         self.mixer = check_setting("mixer", self.mixer)
+        self.linear = check_setting("linear", self.linear)
+        if self.linear == "delta" and self.normalizer is None:
+            self.normalizer = "none"  # the delta rule's read-out is already a retrieval, not a sum (see `linear`)
         for name, value in MIXER_DEFAULTS[self.mixer].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -241,6 +255,13 @@ class ConversionConfig:
             raise ValueError(
                 "linear_span='beyond_window' splits one softmax between the window and the older tokens: "
                 f"it needs normalizer='shared' (got {self.normalizer!r})"
+            )
+        if self.linear == "delta" and self.normalizer == "separate":
+            raise ValueError(
+                "normalizer='separate' divides the linear read-out by φqᵀz, a sum of positive weights under the "
+                "additive rule; under linear='delta' that column is the state's signed read-out of a constant 1, "
+                "which crosses zero, so the ratio is unbounded. Use normalizer='none' (the delta read-out is already "
+                "a retrieval: a stored key reads back its value) or 'shared' (weighs the window against it)"
             )
         if self.sink_tokens and self.linear_span != "beyond_window":
             raise ValueError(

@@ -1,8 +1,8 @@
 """Self-contained remote code for converted checkpoints (``trust_remote_code=True``).
 
-The runtime modules (config, arch table, cache, mixers, chunked kernels, model classes) are copied
-flat into the checkpoint folder with their package-relative imports rewritten to the flat names,
-plus two small entry files that ``config.json``'s ``auto_map`` points at. A Python with only torch
+The runtime modules (config, arch table, cache, mixers, chunked kernels of GLA and the delta rule,
+model classes) are copied flat into the checkpoint folder with their package-relative imports
+rewritten to the flat names, plus two small entry files that ``config.json``'s ``auto_map`` points at. A Python with only torch
 and transformers then loads the checkpoint; where ``linearize`` is installed too, the Triton
 kernels are picked up from it.
 """
@@ -24,9 +24,14 @@ RUNTIME_MODULES = {
     "kernels.validate": "linearize_kernels_validate",
     "kernels.chunked": "linearize_kernels_chunked",
     "kernels.reference": "linearize_kernels_reference",
+    "kernels.delta": "linearize_kernels_delta",
+    "kernels.delta_chunked": "linearize_kernels_delta_chunked",
+    "kernels.delta_reference": "linearize_kernels_delta_reference",
+    "kernels.delta_validate": "linearize_kernels_delta_validate",
     "mixers": "linearize_mixers",
     "mixers.parts": "linearize_mixers_parts",
     "mixers.hybrid": "linearize_mixers_hybrid",
+    "mixers.delta": "linearize_mixers_delta",
     "surgery": "linearize_surgery",
     "modeling": "linearize_modeling",
 }
@@ -38,7 +43,11 @@ AUTO_MAP = {
     "AutoModelForCausalLM": f"{MODEL_ENTRY}.LinearizeForCausalLM",
 }
 
-_RELATIVE_IMPORT = re.compile(r"^(\s*)from (\.+)([\w.]*) import ", re.MULTILINE)
+_RELATIVE_IMPORT = re.compile(r"^(\s*)from (\.+)([\w.]+) import ", re.MULTILINE)
+# ``from . import name, ...`` on one line (names of a package: submodules or attributes of its __init__).
+_PACKAGE_IMPORT = re.compile(r"^(\s*)from (\.+) import ([\w, ]+)$", re.MULTILINE)
+# ``from . import (`` over several lines: the names come from the package's flat file.
+_PACKAGE_IMPORT_OTHER = re.compile(r"^(\s*)from (\.+)() import (?=\()", re.MULTILINE)
 
 
 def _source_path(module: str) -> Path:
@@ -50,15 +59,31 @@ def _rewrite_imports(module: str, text: str) -> str:
     is_package = _source_path(module).name == "__init__.py"
     package = module.split(".") if is_package else module.split(".")[:-1]
 
-    def flat(match: re.Match) -> str:
-        indent, dots, rest = match.groups()
+    def resolve(dots: str, rest: str) -> str:
         base = package[: len(package) - (len(dots) - 1)] if len(dots) > 1 else package
         target = ".".join([*base, *([rest] if rest else [])])
         if target not in RUNTIME_MODULES:
             raise ValueError(f"{module} imports .{rest} ({target}), which is not in export.RUNTIME_MODULES")
-        return f"{indent}from .{RUNTIME_MODULES[target]} import "
+        return target
 
-    return _RELATIVE_IMPORT.sub(flat, text)
+    def flat(match: re.Match) -> str:
+        indent, dots, rest = match.groups()
+        return f"{indent}from .{RUNTIME_MODULES[resolve(dots, rest)]} import "
+
+    def flat_names(match: re.Match) -> str:
+        """``from . import chunked, f``: a submodule becomes its flat file (the flat files have no
+        packages), any other name comes from the package's own flat file."""
+        indent, dots, names = match.groups()
+        package_file = RUNTIME_MODULES[resolve(dots, "")]
+        lines = []
+        for name in (n.strip() for n in names.split(",") if n.strip()):
+            sub = f"{resolve(dots, '')}.{name}"
+            lines.append(f"{indent}from . import {RUNTIME_MODULES[sub]} as {name}" if sub in RUNTIME_MODULES
+                         else f"{indent}from .{package_file} import {name}")
+        return "\n".join(lines)
+
+    text = _RELATIVE_IMPORT.sub(flat, text)  # first: its output no longer matches the patterns below
+    return _PACKAGE_IMPORT_OTHER.sub(flat, _PACKAGE_IMPORT.sub(flat_names, text))
 
 
 def write_remote_code(folder: str | Path, base_type: str) -> list[str]:

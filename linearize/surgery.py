@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .arch import arch_spec, decoder_layers
 from .config import ConversionConfig
-from .mixers import PADDING_MASK_KWARG, HybridAttention
+from .mixers import PADDING_MASK_KWARG, DeltaAttention, HybridAttention
 
 # Attribute of the decoder stack holding the padding hook's handle (absent: no hook).
 _HOOK_ATTR = "_linearize_padding_hook"
@@ -54,11 +54,12 @@ def build_converted(model: nn.Module, base_model_type: str) -> nn.Module:
     config = conversion_settings(model.config)
     spec = arch_spec(base_model_type)
     layers = decoder_layers(model, spec)
+    mixer_class = DeltaAttention if config.linear == "delta" else HybridAttention
     for idx, (layer, kind) in enumerate(zip(layers, config.layer_kinds(len(layers)))):
         if kind == "softmax":
             continue
         teacher = getattr(layer, spec.attention)
-        setattr(layer, spec.attention, HybridAttention(teacher, config, idx, qk_norm=spec.qk_norm))
+        setattr(layer, spec.attention, mixer_class(teacher, config, idx, qk_norm=spec.qk_norm))
     stack = _decoder_stack(model)
     if getattr(stack, _HOOK_ATTR, None) is None:
         setattr(stack, _HOOK_ATTR, stack.register_forward_pre_hook(_hand_down_padding_mask, with_kwargs=True))

@@ -7,11 +7,12 @@ from contextlib import contextmanager
 
 import torch.nn as nn
 
+from .delta import DeltaAttention
 from .hybrid import PADDING_MASK_KWARG, HybridAttention
 
 
 def iter_mixers(model: nn.Module) -> Iterator[tuple[int, HybridAttention]]:
-    """(layer index, mixer) for every converted attention layer, in layer order."""
+    """(layer index, mixer) for every converted attention layer (``DeltaAttention`` included), in layer order."""
     for module in model.modules():
         if isinstance(module, HybridAttention):
             yield module.layer_idx, module
@@ -31,4 +32,4 @@ def teacher_attention(model: nn.Module):
             m.run_as_teacher = was
 
 
-__all__ = ["PADDING_MASK_KWARG", "HybridAttention", "iter_mixers", "teacher_attention"]
+__all__ = ["PADDING_MASK_KWARG", "DeltaAttention", "HybridAttention", "iter_mixers", "teacher_attention"]
