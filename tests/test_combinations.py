@@ -1,5 +1,6 @@
 """Every combination of settings ConversionConfig accepts runs: a forward, and prefill + decode equal
-to it, on a tiny model (issue 17 item 12: e.g. hgrn2 with Hedgehog features used to fail)."""
+to it, on a tiny model (issue 17 item 12: e.g. hgrn2 with Hedgehog features used to fail), for both
+linear branches (additive GLA and the delta rule, issue 18)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from transformers import LlamaModel
 import linearize
 from linearize import ConversionConfig
 from linearize import kernels
-from linearize.config import FEATURE_MAPS, GATES, MIXES
+from linearize.config import FEATURE_MAPS, GATES, LINEARS, MIXES
 from linearize.kernels import chunked
 from tiny_models import VOCAB, tiny_model
 
@@ -25,10 +26,11 @@ LAYOUTS = [("none", "all", True), ("separate", "all", True), ("shared", "all", T
 
 def _grid():
     cases = []
-    for mixer, gate, feature_map, layout in itertools.product(("liger", "lizard"), GATES, FEATURE_MAPS, LAYOUTS):
+    for linear, mixer, gate, feature_map, layout in itertools.product(LINEARS, ("liger", "lizard"), GATES,
+                                                                      FEATURE_MAPS, LAYOUTS):
         normalizer, span, use_window = layout
-        kwargs = dict(mixer=mixer, gate=gate, feature_map=feature_map, normalizer=normalizer, linear_span=span,
-                      use_window=use_window, window=3)
+        kwargs = dict(linear=linear, mixer=mixer, gate=gate, feature_map=feature_map, normalizer=normalizer,
+                      linear_span=span, use_window=use_window, window=3)
         # the settings outside the product take turns, so each value meets many of the others
         i = len(cases)
         kwargs["mix"] = MIXES[i % 2]
@@ -60,9 +62,12 @@ def _id(kw):
     return "-".join(str(v) for k, v in kw.items() if k != "window")
 
 
-def test_the_grid_covers_every_gate_and_feature_map_of_both_mixers():
-    seen = {(c["mixer"], c["gate"], c["feature_map"]) for c in GRID[:-1]}
-    assert len(seen) == 2 * len(GATES) * len(FEATURE_MAPS) - len(FEATURE_MAPS)  # liger has no learned gate
+def test_the_grid_covers_every_gate_and_feature_map_of_both_mixers_and_linear_branches():
+    seen = {(c["linear"], c["mixer"], c["gate"], c["feature_map"]) for c in GRID[:-1]}
+    # liger has no learned gate
+    assert len(seen) == len(LINEARS) * (2 * len(GATES) * len(FEATURE_MAPS) - len(FEATURE_MAPS))
+    delta_layouts = {(c["normalizer"], c["linear_span"], c["use_window"]) for c in GRID[:-1] if c["linear"] == "delta"}
+    assert delta_layouts == {layout for layout in LAYOUTS if layout[0] != "separate"}  # separate: refused
 
 
 @pytest.mark.parametrize("kwargs", GRID, ids=[_id(c) for c in GRID])
