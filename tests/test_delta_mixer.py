@@ -272,3 +272,25 @@ def test_finetune_trains_beta_and_the_merged_checkpoint_equals_the_unmerged_adap
     with torch.no_grad():
         want = unmerged(input_ids=ids).logits
         assert_close_rms(reloaded(input_ids=ids).logits, want, torch.float32, "merged checkpoint vs unmerged adapter")
+
+
+def test_triton_backend_matches_chunked_in_prefill_decode_and_gradients(monkeypatch):
+    """The layer on the Triton kernels (interpreted on CPU): the same logits and β gradients as on the
+    chunked path, and its decode step (the Triton decode kernel) continues the prefill exactly."""
+    pytest.importorskip("triton")
+    from linearize.kernels import BACKEND_ENV
+
+    ids = torch.randint(0, VOCAB, (2, 13))
+    results = {}
+    for backend in ("chunked", "triton"):
+        monkeypatch.setenv(BACKEND_ENV, backend)
+        model = _converted("llama", ConversionConfig(**DELTA, gate="scalar", normalizer="shared"))
+        model(ids, labels=ids).loss.backward()
+        grad = model.model.layers[0].self_attn.beta_proj.weight.grad.clone()
+        with torch.no_grad():
+            full = model(ids).logits
+            stepped, _ = _prefill_then_decode(model, ids, split=9)
+        torch.testing.assert_close(stepped, full, **EXACT)
+        results[backend] = full, grad
+    torch.testing.assert_close(results["triton"][0], results["chunked"][0], **EXACT)
+    torch.testing.assert_close(results["triton"][1], results["chunked"][1], atol=1e-5, rtol=1e-4)
