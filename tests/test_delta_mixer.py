@@ -151,6 +151,55 @@ def test_conversion_chunk_size_reaches_the_chunked_delta_kernel(monkeypatch):
     torch.testing.assert_close(logits[8], logits[64], **EXACT)
 
 
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_beyond_window_split_is_the_teacher_within_the_window(arch):
+    """Under the delta rule too: up to `window` tokens nothing has entered the state (q·z = 0, so the
+    shared normalizer gives the window's softmax alone), whatever β and the other new parameters are."""
+    ids = torch.randint(0, VOCAB, (2, 14))
+    teacher = tiny_model(arch)
+    with torch.no_grad():
+        expected = teacher(ids).logits
+    model = linearize.convert(teacher, ConversionConfig(**{**BEYOND_WINDOW, "window": 7}))
+    for _, param in linearize.conversion_parameters(model):
+        torch.nn.init.normal_(param)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:, :7]).logits, expected[:, :7], **EXACT)
+        assert (model(ids).logits[:, 7:] - expected[:, 7:]).abs().max() > 1e-4
+
+
+def test_bf16_model_decodes_like_its_full_forward():
+    from conftest import assert_close_rms
+
+    model = _converted("qwen2", ConversionConfig(**DELTA, mix="learned")).to(torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (2, 15))
+    with torch.no_grad():
+        full = model(ids).logits
+        stepped, _ = _prefill_then_decode(model, ids, split=8)
+    assert stepped.dtype == torch.bfloat16 and torch.isfinite(stepped).all()
+    assert_close_rms(stepped.float(), full.float(), torch.bfloat16, "bf16 prefill + decode vs full forward")
+
+
+@pytest.mark.parametrize("gate", ["gla", "learned"])
+def test_in_place_decode_step_equals_the_op(gate):
+    """DeltaAttention._linear_step_ (the single-token step for HybridAttention.decode_step's hook)
+    advances the state and reads out exactly as the delta-rule op, per-channel and scalar gates, GQA."""
+    from linearize.kernels.delta import gated_delta_rule
+
+    mixer = _converted("llama", ConversionConfig(linear="delta", window=4, gate=gate,
+                                                 mixer="lizard" if gate == "learned" else "liger")).model.layers[0].self_attn
+    x = torch.randn(3, 1, mixer.hidden_size)
+    with torch.no_grad():
+        fq, linear = mixer._linear_inputs(x, *mixer._qkv(x), None)
+        state = torch.randn(3, mixer.num_kv_heads, fq.shape[-1], linear.v.shape[-1])
+        g = linear.log_g[..., 0] if linear.log_g.shape[-1] == 1 else linear.log_g
+        beta = torch.ones(linear.k.shape[:3])
+        o_ref, s_ref = gated_delta_rule(fq, linear.k, linear.v, beta, g, scale=1.0, initial_state=state,
+                                        output_final_state=True, backend="reference")
+        o = mixer._linear_step_(fq, linear, state)
+    torch.testing.assert_close(o, o_ref.float(), **EXACT)
+    torch.testing.assert_close(state, s_ref, **EXACT)
+
 # --- DESIGN.md §3 invariants ------------------------------------------------------------------------
 
 PREFILL_CASES = [("llama", v) for v in VARIANTS] + [(a, "gla-gate") for a in ARCHS[1:]]

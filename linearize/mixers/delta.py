@@ -89,9 +89,26 @@ class DeltaAttention(HybridAttention):
     # --- branches -------------------------------------------------------------------------------
     @property
     def _in_place_config(self) -> bool:
-        # HybridAttention.decode_step advances the state with the additive rule: every delta step goes
-        # through hybrid_forward, whose linear branch (below) takes delta_decode_step.
-        return False
+        # HybridAttention.decode_step runs the delta rule only where it advances the state through the
+        # ``_linear_step_`` hook (below); without the hook every step goes through hybrid_forward, whose
+        # linear branch takes delta_decode_step.
+        return hasattr(HybridAttention, "_linear_step_") and super()._in_place_config
+
+    @staticmethod
+    def _linear_step_(fq: torch.Tensor, linear: LinearInputs, state: torch.Tensor) -> torch.Tensor:
+        """One token of the delta rule without autograd, ``state`` [B, Hkv, F, V] (fp32, contiguous)
+        advanced in place: decay, read-out of the decayed state at k, rank-1 write of the error, read-out
+        at q. fq [B, 1, H, F]; linear as :meth:`_linear_inputs` makes it (β folded into k and v).
+        Returns o [B, 1, H, V] fp32."""
+        B, _, H, F_dim = fq.shape
+        Hkv, V = linear.k.shape[2], linear.v.shape[3]
+        k = linear.k.float().reshape(B * Hkv, F_dim, 1)
+        state.mul_(linear.log_g.exp().reshape(B, Hkv, -1, 1))  # S' = diag(α) S (scalar gates broadcast)
+        flat = state.view(B * Hkv, F_dim, V)
+        error = linear.v.float().reshape(B * Hkv, 1, V) - torch.bmm(k.transpose(1, 2), flat)  # v − S'ᵀk: [B·Hkv, 1, V]
+        flat.baddbmm_(k, error)  # S = S' + k (v − S'ᵀk)ᵀ
+        o = torch.matmul(fq.float().reshape(B, Hkv, H // Hkv, F_dim), state)  # [B, Hkv, G, V]
+        return o.view(B, 1, H, V)
 
     def _fusable(self, view: LayerView) -> bool:
         return False  # the fused op is Liger's additive GLA
