@@ -343,3 +343,27 @@ def test_triton_backend_matches_chunked_in_prefill_decode_and_gradients(monkeypa
         results[backend] = full, grad
     torch.testing.assert_close(results["triton"][0], results["chunked"][0], **EXACT)
     torch.testing.assert_close(results["triton"][1], results["chunked"][1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_delta_conversion_invariants(tmp_path):
+    """Slow (`pytest -m slow`): the invariants on the real SmolLM2-135M (offline default), delta branch
+    with the default recipe's shape of conversion (window, beyond-window split, kept layers)."""
+    from linearize.sources import load_teacher
+
+    teacher, tokenizer = load_teacher("smollm2-135m")
+    ids = tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        teacher_logits = teacher(ids).logits
+        model = linearize.convert(teacher, ConversionConfig(linear="delta", window=8, keep_softmax_layers=[0, -1]))
+        full = model(ids).logits
+        assert torch.isfinite(full).all()
+        with linearize.teacher_attention(model):
+            torch.testing.assert_close(model(ids).logits, teacher_logits, atol=1e-4, rtol=1e-4)
+        stepped, _ = _prefill_then_decode(model, ids, split=ids.shape[1] // 2)
+        torch.testing.assert_close(stepped, full, atol=1e-4, rtol=1e-4)
+        kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        assert torch.equal(model.generate(ids, use_cache=True, **kw), model.generate(ids, use_cache=False, **kw))
+        folder = linearize.save_converted(model, tmp_path / "smol", tokenizer)
+        reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+        torch.testing.assert_close(reloaded(ids).logits, full, atol=0, rtol=0)
