@@ -222,10 +222,10 @@ class ConversionConfig:
     """Chunk length of the chunked PyTorch path, the one without a GPU (a speed setting: results agree
     to rounding); the Triton kernels keep their own."""
     linear: str = "gla"
-    """Update rule of the linear branch: ``gla`` adds φk(k)ᵀv to the decayed state (Liger, Lizard);
-    ``delta`` is the gated delta rule (Gated DeltaNet / Kimi's KDA), S_t = diag(α_t) S_{t−1} +
-    β_t k_t (v_t − (diag(α_t) S_{t−1})ᵀ k_t)ᵀ, which overwrites what a key stored instead of adding to it.
-    With ``delta`` the same gate decays the state (per-channel gates as KDA, ``scalar``/``learned`` as
+    """Update rule of the linear branch: ``gla`` (additive, Liger and Lizard) or ``delta`` (the gated
+    delta rule of Gated DeltaNet and Kimi's KDA, which overwrites what a key stored). ``gla`` adds
+    φk(k)ᵀv to the decayed state; ``delta`` writes S_t = S'_t + β_t k_t (v_t − S'_tᵀ k_t)ᵀ with
+    S'_t = diag(α_t) S_{t−1}. With ``delta`` the same gate decays the state (per-channel gates as KDA, ``scalar``/``learned`` as
     Gated DeltaNet), φq(q) and φk(k) are L2-normalised per head, the write strength
     β_t = σ(W_β x_t) is a new projection per key/value head (starts at β = 0.5), an unset normalizer
     is ``none``, ``separate`` is refused, and ``shared`` weighs the window against the delta read-out
