@@ -1,0 +1,253 @@
+"""Memory-light autograd for the chunked PyTorch ops: save the inputs, recompute in the backward.
+
+``chunked.py``'s forward, differentiated by autograd, keeps every intermediate of every segment
+(per-chunk states, decay factors, the ``[c, c, K]`` diagonal tensors, window scores) until the
+backward: 0.33 GB per converted SmolLM2 layer at T = 2048 (``benchmarks/results/memory_cpu.md``).
+The Functions here run the very same forward (bit-identical outputs) under no grad, save only their
+inputs (and the segment's output state), and in the backward recompute one segment's intermediates
+at a time and apply hand-written gradients, as the Triton kernels do on GPU:
+
+Gated linear attention, one segment ``(q, k, v, g, S_in) -> (o, S_out)`` in chunks (the forward's
+sub-chunk factorisation, so only exponentials of sums <= 0 are taken):
+
+    dv_j = Σ_{i >= j} A_ij do_i + (k_j ⊙ exp(B_C − b_j)) dS_end        (A: the forward's decayed q·k)
+    dq_i = Σ_{j <= i} (do_i·v_j) exp(b_i − b_j) ⊙ k_j + exp(b_i) ⊙ (S_start do_iᵀ)
+    dk_j = Σ_{i >= j} (do_i·v_j) exp(b_i − b_j) ⊙ q_i + exp(B_C − b_j) ⊙ (dS_end v_jᵀ)
+    dS_start = exp(B_C) ⊙ dS_end + Σ_i (q_i ⊙ exp(b_i))ᵀ do_i          (a reverse scan over chunks)
+    dg_s = Σ_{t >= s} (q_t ⊙ dq_t − k_t ⊙ dk_t) + Σ_v S_out ⊙ dS_out    (flash-linear-attention's dg)
+
+The last line holds because everything depends on g through the cumulative sums A_t only
+(``o_t = (q_t ⊙ e^{A_t})·(S_in + Σ_{j<=t} (k_j ⊙ e^{−A_j}) v_jᵀ)``, ``S_out = e^{A_T} ⊙ (...)``).
+
+Sliding-window attention, one segment: flash-attention's backward over the window band, with the
+probabilities recomputed from the inputs; ``lse`` is an output with its own gradient (the hybrid
+layer merges it with the sink tokens'), and the learned sink logits get ``Σ p_sink (dlse − D)``.
+
+Each segment is its own Function, so peak memory is one segment's intermediates plus the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .chunked import SUB_CHUNK_SIZE, _gla_chunked, _swa_blocks, _window_softmax
+
+# ------------------------------------------------------------------------------------------------
+# Gated linear attention
+# ------------------------------------------------------------------------------------------------
+
+
+class _GLASegment(torch.autograd.Function):
+    """``chunked._gla_chunked`` with a recomputing backward. qf [B, T, Hkv, G, K] (already scaled),
+    kf, gf [B, T, Hkv, K], vf [B, T, Hkv, V], state [B, Hkv, K, V], all fp32."""
+
+    @staticmethod
+    def forward(ctx, qf, kf, vf, gf, state, chunk_size):
+        o, final = _gla_chunked(qf, kf, vf, gf, state, chunk_size)
+        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(qf, kf, vf, gf, state, final)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        qf, kf, vf, gf, state, final = ctx.saved_tensors
+        grads = _gla_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, ctx.chunk_size)
+        return (*grads, None)
+
+
+def gla_chunked(qf, kf, vf, gf, state, chunk_size):
+    """Drop-in for ``chunked._gla_chunked`` that saves only its inputs for the backward."""
+    return _GLASegment.apply(qf, kf, vf, gf, state, chunk_size)
+
+
+def gla_chunked_checkpointed(qf, kf, vf, gf, state, chunk_size):
+    """The same through ``torch.utils.checkpoint`` (autograd's backward of a recomputed forward)."""
+    return checkpoint(_gla_chunked, qf, kf, vf, gf, state, chunk_size, use_reentrant=False)
+
+
+def _gla_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, chunk_size):
+    """Gradients of ``_gla_chunked`` w.r.t. qf, kf, vf, gf and state, recomputing its intermediates."""
+    B, T, Hkv, G, K = qf.shape
+    V = vf.shape[-1]
+    C = chunk_size
+    c = math.gcd(C, SUB_CHUNK_SIZE)
+    n, ns = -(-T // C), C // c
+    pad = n * C - T
+    qc = F.pad(qf, (0, 0, 0, 0, 0, 0, 0, pad)).reshape(B, n, C, Hkv, G, K).permute(0, 3, 4, 1, 2, 5)  # [B, Hkv, G, n, C, K]
+    doc = F.pad(do.float(), (0, 0, 0, 0, 0, 0, 0, pad)).reshape(B, n, C, Hkv, G, V).permute(0, 3, 4, 1, 2, 5)  # [B, Hkv, G, n, C, V]
+    kc, gc = (F.pad(x, (0, 0, 0, 0, 0, pad)).reshape(B, n, C, Hkv, K).permute(0, 3, 1, 2, 4) for x in (kf, gf))  # [B, Hkv, n, C, K]
+    vc = F.pad(vf, (0, 0, 0, 0, 0, pad)).reshape(B, n, C, Hkv, V).permute(0, 3, 1, 2, 4)  # [B, Hkv, n, C, V]
+
+    # The forward's decay pieces (the same expressions, so the same numbers).
+    dev = gc.device
+    g_sub = gc.reshape(B, Hkv, n, ns, c, K)  # [B, Hkv, n, ns, c, K]
+    b_loc = g_sub.cumsum(dim=4)  # [B, Hkv, n, ns, c, K]
+    total = b_loc[..., -1, :]  # [B, Hkv, n, ns, K]
+    rest = F.pad(g_sub.flip(4).cumsum(4).flip(4)[..., 1:, :], (0, 0, 0, 1))  # [B, Hkv, n, ns, c, K]
+    sub = torch.arange(ns, device=dev)
+    strictly = (sub[:, None, None] < sub[None, None, :]) & (sub[None, None, :] < sub[None, :, None])  # [J, I, M]
+    between = torch.einsum("jim,bhnmk->bhnijk", strictly.to(gc.dtype), total)  # [B, Hkv, n, ns(I), ns(J), K]
+    after = torch.einsum("jm,bhnmk->bhnjk", (sub[:, None] < sub[None, :]).to(gc.dtype), total)  # [B, Hkv, n, ns, K]
+
+    # Off-diagonal sub-chunk blocks.
+    q_sub = qc.reshape(B, Hkv, G, n, ns, c, K)
+    do_sub = doc.reshape(B, Hkv, G, n, ns, c, V)
+    e_q = b_loc.exp()[:, :, None]  # [B, Hkv, 1, n, ns, c, K]
+    q_off = q_sub * e_q  # [B, Hkv, G, n, ns, c, K]
+    k_log = rest[:, :, :, None] + between[..., None, :]  # [B, Hkv, n, ns(I), ns(J), c, K]
+    earlier = sub[None, :] < sub[:, None]  # [I, J]
+    e_off = k_log.masked_fill(~earlier[:, :, None, None], float("-inf")).reshape(B, Hkv, n, ns, C, K).exp()  # [B, Hkv, n, ns, C, K]
+    k_off = kc[:, :, :, None] * e_off  # [B, Hkv, n, ns, C, K]
+    a_off = torch.einsum("bhgnick,bhnijk->bhgnicj", q_off, k_off)  # [B, Hkv, G, n, ns, c, C]
+    da_off = torch.einsum("bhgnicv,bhnjv->bhgnicj", do_sub, vc)  # [B, Hkv, G, n, ns, c, C]
+    dv = torch.einsum("bhgnicj,bhgnicv->bhnjv", a_off, do_sub)  # [B, Hkv, n, C, V]
+    dq_sub = torch.einsum("bhgnicj,bhnijk->bhgnick", da_off, k_off) * e_q  # [B, Hkv, G, n, ns, c, K]
+    dk = (torch.einsum("bhgnicj,bhgnick->bhnijk", da_off, q_off) * e_off).sum(dim=3)  # [B, Hkv, n, C, K]
+    del a_off, da_off, k_off, q_off, e_off, k_log
+
+    # Diagonal sub-chunk blocks: exact per key dimension.
+    pos = torch.arange(c, device=dev)
+    span = (pos[None, :, None] < pos[None, None, :]) & (pos[None, None, :] <= pos[:, None, None])  # [i, j, s]
+    d_log = torch.einsum("ijs,bhnask->bhnaijk", span.to(gc.dtype), g_sub)  # [B, Hkv, n, ns, c, c, K]
+    causal = pos[None, :] <= pos[:, None]
+    e_diag = d_log.masked_fill(~causal[..., None], float("-inf")).exp()  # [B, Hkv, n, ns, c, c, K]
+    del d_log
+    k_sub = kc.reshape(B, Hkv, n, ns, 1, c, K)
+    kd = e_diag * k_sub  # [B, Hkv, n, ns, c, c, K]
+    v_sub = vc.reshape(B, Hkv, n, ns, c, V)
+    a_diag = torch.einsum("bhgnsik,bhnsijk->bhgnsij", q_sub, kd)  # [B, Hkv, G, n, ns, c, c]
+    da_diag = torch.einsum("bhgnsiv,bhnsjv->bhgnsij", do_sub, v_sub)  # [B, Hkv, G, n, ns, c, c]
+    dv = dv + torch.einsum("bhgnsij,bhgnsiv->bhnsjv", a_diag, do_sub).reshape(B, Hkv, n, C, V)
+    dq_sub = dq_sub + torch.einsum("bhgnsij,bhnsijk->bhgnsik", da_diag, kd)
+    qda = torch.einsum("bhgnsij,bhgnsik->bhnsijk", da_diag, q_sub)  # [B, Hkv, n, ns, c, c, K]
+    dk = dk + (qda * e_diag).sum(dim=4).reshape(B, Hkv, n, C, K)
+    del kd, e_diag, qda, a_diag, da_diag
+    dqc = dq_sub.reshape(B, Hkv, G, n, C, K)
+
+    # Inter-chunk: the states at the chunk starts again, then a reverse scan for their gradients.
+    e_end = (rest + after[..., None, :]).reshape(B, Hkv, n, C, K).exp()  # [B, Hkv, n, C, K] after j, to the chunk end
+    k_end = kc * e_end
+    update = torch.einsum("bhnck,bhncv->bhnkv", k_end, vc)  # [B, Hkv, n, K, V]
+    chunk_decay = total.sum(dim=3).exp()  # [B, Hkv, n, K]
+    s = state
+    starts = []
+    for i in range(n):
+        starts.append(s)
+        s = s * chunk_decay[:, :, i, :, None] + update[:, :, i]
+    start_states = torch.stack(starts, dim=2)  # [B, Hkv, n, K, V]
+    e_start = gc.cumsum(dim=3).exp()[:, :, None]  # [B, Hkv, 1, n, C, K]
+    q_start = qc * e_start  # [B, Hkv, G, n, C, K]
+    dqc = dqc + torch.einsum("bhgncv,bhnkv->bhgnck", doc, start_states) * e_start
+    into = torch.einsum("bhgnck,bhgncv->bhnkv", q_start, doc)  # [B, Hkv, n, K, V] each chunk's reads of its start state
+    ds = dfinal.float() if dfinal is not None else torch.zeros_like(state)
+    ends = [None] * n
+    for i in range(n - 1, -1, -1):
+        ends[i] = ds
+        ds = ds * chunk_decay[:, :, i, :, None] + into[:, :, i]
+    dstate = ds  # [B, Hkv, K, V]
+    end_grads = torch.stack(ends, dim=2)  # [B, Hkv, n, K, V] gradient of the state at each chunk's end
+    dk = dk + torch.einsum("bhncv,bhnkv->bhnck", vc, end_grads) * e_end
+    dv = dv + torch.einsum("bhnck,bhnkv->bhncv", k_end, end_grads)
+
+    # Decays: reverse cumulative sum of q ⊙ dq − k ⊙ dk, plus the final state's term at the end.
+    da = ((qc * dqc).sum(dim=2) - kc * dk).reshape(B, Hkv, n * C, K)  # [B, Hkv, Tp, K]
+    if dfinal is not None:
+        da[:, :, -1] += (final * dfinal.float()).sum(dim=-1)
+    dgc = da.flip(2).cumsum(2).flip(2)  # [B, Hkv, Tp, K]
+
+    dq = dqc.permute(0, 3, 4, 1, 2, 5).reshape(B, n * C, Hkv, G, K)[:, :T]  # [B, T, Hkv, G, K]
+    dk = dk.permute(0, 2, 3, 1, 4).reshape(B, n * C, Hkv, K)[:, :T]  # [B, T, Hkv, K]
+    dv = dv.permute(0, 2, 3, 1, 4).reshape(B, n * C, Hkv, V)[:, :T]  # [B, T, Hkv, V]
+    dg = dgc.permute(0, 2, 1, 3)[:, :T]  # [B, T, Hkv, K]
+    return dq, dk, dv, dg, dstate
+
+
+# ------------------------------------------------------------------------------------------------
+# Sliding-window attention
+# ------------------------------------------------------------------------------------------------
+
+
+class _SWASegment(torch.autograd.Function):
+    """``chunked._swa_blocks`` with a recomputing flash-attention style backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, key_mask, window, scale, block_size):
+        o, lse = _swa_blocks(q, k, v, window, scale, key_mask, sinks, block_size)
+        ctx.args = (window, scale, block_size)
+        ctx.save_for_backward(q, k, v, sinks, key_mask)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, sinks, key_mask = ctx.saved_tensors
+        dq, dk, dv, dsinks = _swa_segment_backward(q, k, v, sinks, key_mask, *ctx.args, do, dlse)
+        return dq, dk, dv, dsinks, None, None, None, None
+
+
+def swa_blocks(q, k, v, window, scale, key_mask, sinks, block_size):
+    """Drop-in for ``chunked._swa_blocks`` that saves only its inputs for the backward."""
+    if q.shape[1] == 0:
+        return _swa_blocks(q, k, v, window, scale, key_mask, sinks, block_size)
+    return _SWASegment.apply(q, k, v, sinks, key_mask, window, scale, block_size)
+
+
+def swa_blocks_checkpointed(q, k, v, window, scale, key_mask, sinks, block_size):
+    """The same through ``torch.utils.checkpoint`` (autograd's backward of a recomputed forward)."""
+    return checkpoint(_swa_blocks, q, k, v, window, scale, key_mask, sinks, block_size, use_reentrant=False)
+
+
+def _swa_segment_backward(q, k, v, sinks, key_mask, window, scale, block_size, do, dlse):
+    """Gradients of ``_swa_blocks`` w.r.t. q, k, v and sinks (the forward's blocks, recomputed)."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hkv
+    W = min(window, Tk)
+    first = Tk - Tq - (W - 1)
+    front = max(0, -first)
+    bq = min(Tq, max(block_size, W))
+    n = -(-Tq // bq)
+    back = n * bq - Tq
+    L = bq + W - 1
+
+    keep = torch.ones(B, Tk, dtype=torch.bool, device=k.device) if key_mask is None else key_mask.bool()
+    keep = F.pad(keep[:, max(0, first) :], (front, back), value=False)  # [B, n*bq + W - 1]
+    kf, vf = (F.pad(x[:, max(0, first) :].float(), (0, 0, 0, 0, front, back)) for x in (k, v))  # [B, n*bq + W - 1, Hkv, .]
+    k_blocks = kf.unfold(1, L, bq)  # [B, n, Hkv, D, L]
+    v_blocks = vf.unfold(1, L, bq)  # [B, n, Hkv, Dv, L]
+    keep_blocks = keep.unfold(1, L, bq)  # [B, n, L]
+    qf = (F.pad(q.float(), (0, 0, 0, 0, 0, back)) * scale).reshape(B, n, bq, Hkv, group, D)  # [B, n, bq, Hkv, G, D]
+    logits = torch.einsum("bnrhgd,bnhdl->bhgnrl", qf, k_blocks)  # [B, Hkv, G, n, bq, L]
+    rows = torch.arange(bq, device=q.device)[:, None]
+    cols = torch.arange(L, device=q.device)[None, :]
+    band = (cols >= rows) & (cols < rows + W)  # [bq, L]
+    visible = band & keep_blocks[:, None, None, :, None, :]  # [B, 1, 1, n, bq, L]
+    p, denom, lse = _window_softmax(logits.masked_fill(~visible, float("-inf")), sinks, Hkv, group)
+    del logits
+    p = p / denom[..., None]  # [B, Hkv, G, n, bq, L] normalised probabilities (0 where masked)
+
+    do_b = F.pad(do.float(), (0, 0, 0, 0, 0, back)).reshape(B, n, bq, Hkv, group, Dv).permute(0, 3, 4, 1, 2, 5)  # [B, Hkv, G, n, bq, Dv]
+    dlse_b = F.pad(dlse.float(), (0, 0, 0, back)).reshape(B, n, bq, Hkv, group).permute(0, 3, 4, 1, 2)  # [B, Hkv, G, n, bq]
+    dp = torch.einsum("bhgnrv,bnhvl->bhgnrl", do_b, v_blocks)  # [B, Hkv, G, n, bq, L]
+    dv_blocks = torch.einsum("bhgnrl,bhgnrv->bnhvl", p, do_b)  # [B, n, Hkv, Dv, L]
+    delta = (p * dp).sum(dim=-1)  # [B, Hkv, G, n, bq] = do · o
+    ds = p * (dp - (delta - dlse_b)[..., None])  # [B, Hkv, G, n, bq, L] gradient of the logits
+    del dp
+    dq = torch.einsum("bhgnrl,bnhdl->bnrhgd", ds, k_blocks) * scale  # [B, n, bq, Hkv, G, D]
+    dk_blocks = torch.einsum("bhgnrl,bnrhgd->bnhdl", ds, qf)  # [B, n, Hkv, D, L]
+    dkf = torch.ops.aten.unfold_backward(dk_blocks, list(kf.shape), 1, L, bq)  # [B, n*bq + W - 1, Hkv, D]
+    dvf = torch.ops.aten.unfold_backward(dv_blocks, list(vf.shape), 1, L, bq)
+    dk, dv = (F.pad(x[:, front : x.shape[1] - back], (0, 0, 0, 0, max(0, first), 0)) for x in (dkf, dvf))  # [B, Tk, Hkv, .]
+
+    dsinks = None
+    if sinks is not None:
+        sink_logits = sinks.float().reshape(Hkv, group, 1, 1, -1)  # [Hkv, G, 1, 1, M]
+        lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        p_sink = (sink_logits - lse_safe[..., None]).exp()  # [B, Hkv, G, n, bq, M]
+        dsinks = (p_sink * (dlse_b - delta)[..., None]).sum(dim=(0, 3, 4)).reshape(sinks.shape).to(sinks.dtype)
+
+    dq = dq.reshape(B, n * bq, H, D)[:, :Tq]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks
