@@ -313,7 +313,7 @@ def test_finetune_trains_beta_and_the_merged_checkpoint_equals_the_unmerged_adap
     biases = [t for name, t in trained.items() if name.endswith("beta_proj.bias")]
     assert len(biases) == 2 and all((b - 0.0).abs().max() > 1e-4 for b in biases)  # moved off logit(0.5) = 0
     unmerged = linearize.convert(tiny_teacher(), recipe.conversion)
-    missing, unexpected = unmerged.load_state_dict(trained, strict=False)
+    _, unexpected = unmerged.load_state_dict(trained, strict=False)
     assert not unexpected
     unmerged = PeftModel.from_pretrained(unmerged, str(result.adapter_dir)).eval()
     reloaded = AutoModelForCausalLM.from_pretrained(result.model_dir).eval()
