@@ -43,6 +43,15 @@ class SinkTokens(NamedTuple):
     positions: torch.Tensor  # [B, <= n] long
 
 
+class WindowRing(NamedTuple):
+    """The window as a ring buffer for single-token decode: token ``p`` lives in slot ``p % window``,
+    written in place, so a step allocates nothing and the softmax reads the slots in any order."""
+
+    k: torch.Tensor  # [B, Hkv, window, D] post-RoPE
+    v: torch.Tensor  # [B, Hkv, window, D]
+    bias: torch.Tensor  # [B, 1, 1, window] fp32: 0 for a real token, -inf for padding or an empty slot
+
+
 @dataclass
 class LayerView:
     """What one forward of a converted layer reads: this call's tokens joined to the layer's history.
@@ -90,6 +99,9 @@ class HybridCacheLayer(CacheLayerMixin):
         # (k, v, log_g of LinearInputs, each [B, window, ...]).
         self.delayed: tuple[torch.Tensor, ...] | None = None
         self.sinks: SinkTokens | None = None
+        # The window during single-token decode (``decode_step``): replaces keys/values/valid until
+        # a call of several tokens puts it back in order (only one of the two forms is held).
+        self.ring: WindowRing | None = None
         self.seen_tokens = 0
 
     # --- what the mixer uses -------------------------------------------------------------------
@@ -115,6 +127,59 @@ class HybridCacheLayer(CacheLayerMixin):
         self.is_initialized = True
         return LayerView(past, k, v, valid_all, sinks, self.state, linear)
 
+    def decode_step(self, key: torch.Tensor | None, value: torch.Tensor, valid: torch.Tensor | None
+                    ) -> tuple[WindowRing | None, torch.Tensor]:
+        """One token without autograd, in place: its window key/value [B, 1, Hkv, D] (post-RoPE; None
+        without a window branch) go into the ring slot ``seen_tokens % window``; ``valid`` [B, 1]
+        bool, or None when every row's token is real. Returns the ring (None without a window) and the
+        recurrent state [B, Hkv, F, V], which the caller advances in place.
+
+        Only for layers without sink tokens or a delay line, once the state exists (after a prefill)."""
+        if self.sink_tokens or self.delay or self.state is None:
+            raise RuntimeError("decode_step needs a filled cache of a layer without sink tokens or delay line")
+        if self.state.dtype != torch.float32 or not self.state.is_contiguous():  # once: updated in place from here on
+            self.state = self.state.float().contiguous()
+        ring = None
+        if self.keep_window:
+            ring = self.ring if self.ring is not None else self._build_ring(key)
+            slot = self.seen_tokens % self.window
+            ring.k[:, :, slot] = key[:, 0]  # [B, Hkv, D]
+            ring.v[:, :, slot] = value[:, 0]
+            if valid is None:
+                ring.bias[..., slot] = 0.0
+            else:
+                ring.bias[..., slot] = torch.where(valid, 0.0, float("-inf"))[:, :, None]  # [B, 1, 1]
+        self.seen_tokens += 1
+        self.is_initialized = True
+        return ring, self.state
+
+    def _build_ring(self, like: torch.Tensor) -> WindowRing:
+        """The ordered window buffer (last <= window - 1 tokens) as a ring of ``window`` slots."""
+        B, _, Hkv, D = like.shape
+        W = self.window
+        k = like.new_zeros(B, Hkv, W, D)  # [B, Hkv, W, D]
+        v = like.new_zeros(B, Hkv, W, self.values.shape[-1] if self.values is not None else D)
+        bias = torch.full((B, 1, 1, W), float("-inf"), dtype=torch.float32, device=like.device)
+        if self.keys is not None and self.keys.shape[1]:
+            n = self.keys.shape[1]
+            slots = torch.arange(self.seen_tokens - n, self.seen_tokens, device=like.device) % W  # [n]
+            k[:, :, slots] = self.keys.transpose(1, 2).to(k.dtype)
+            v[:, :, slots] = self.values.transpose(1, 2).to(v.dtype)
+            bias[:, 0, 0, slots] = torch.where(self.valid, 0.0, float("-inf"))
+        self.ring = WindowRing(k, v, bias)
+        self.keys = self.values = self.valid = None
+        return self.ring
+
+    def _unring(self) -> None:
+        """Put the ring back as the ordered buffer of the last <= window - 1 tokens."""
+        ring, W = self.ring, self.window
+        n = min(self.seen_tokens, W - 1)
+        slots = torch.arange(self.seen_tokens - n, self.seen_tokens, device=ring.k.device) % W  # [n], oldest first
+        self.keys = ring.k[:, :, slots].transpose(1, 2).contiguous()  # [B, n, Hkv, D]
+        self.values = ring.v[:, :, slots].transpose(1, 2).contiguous()
+        self.valid = ring.bias[:, 0, 0, slots] == 0  # [B, n]
+        self.ring = None
+
     def store_state(self, state: torch.Tensor | None) -> None:
         """Keep the recurrent state after this call (the forward's one store)."""
         self.state = None if state is None else state.detach()
@@ -122,6 +187,8 @@ class HybridCacheLayer(CacheLayerMixin):
     def _window(self, k, v, valid):
         """Buffered plus new keys, values and flags; keeps the last ``window - 1`` (all the next
         token can see)."""
+        if self.ring is not None:
+            self._unring()
         if self.keys is not None:
             k, v, valid = (torch.cat([old, new], dim=1) for old, new in ((self.keys, k), (self.values, v),
                                                                         (self.valid, valid)))
@@ -176,9 +243,11 @@ class HybridCacheLayer(CacheLayerMixin):
             self.delayed = tuple(fn(t) for t in self.delayed)
         if self.sinks is not None:
             self.sinks = SinkTokens(*(fn(t) for t in self.sinks))
+        if self.ring is not None:
+            self.ring = WindowRing(*(fn(t) for t in self.ring))
 
     def reset(self) -> None:
-        self.state = self.keys = self.values = self.valid = self.delayed = self.sinks = None
+        self.state = self.keys = self.values = self.valid = self.delayed = self.sinks = self.ring = None
         self.seen_tokens = 0
         self.is_initialized = False
 
@@ -210,7 +279,8 @@ class HybridCacheLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         """Bytes this layer holds (state + window buffer)."""
-        tensors = (self.state, self.keys, self.values, self.valid, *(self.delayed or ()), *(self.sinks or ()))
+        tensors = (self.state, self.keys, self.values, self.valid, *(self.delayed or ()), *(self.sinks or ()),
+                   *(self.ring or ()))
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 

@@ -23,6 +23,7 @@ import torch
 
 from .chunked import RECURRENT_MAX_T
 from .chunked import gated_linear_attention as chunked_gla
+from .chunked import gla_step_ as chunked_gla_step_
 from .chunked import sliding_window_attention as chunked_swa
 from .reference import gated_linear_attention_ref, sliding_window_attention_ref
 from .validate import check_gla_inputs, check_swa_inputs
@@ -164,17 +165,26 @@ def gla_decode_step(
     """Advance the recurrent ``state`` [B, Hkv, K, V] (fp32) by 1..few tokens, in place.
 
     q: [B, Tn, H, K]; k, g: [B, Tn, Hkv, K]; v: [B, Tn, Hkv, V]. Returns o [B, Tn, H, V] (q.dtype).
-    The Triton kernel has no backward; the other backends go through ``gated_linear_attention``.
+    The Triton kernel has no backward. On the chunked backend one token without autograd takes
+    ``chunked.gla_step_`` (the state updated in place, three ops); otherwise the backends go through
+    ``gated_linear_attention`` and copy the new state back.
     """
     check_gla_inputs(q, k, v, g, state, None)
     q, k, v = _autocast(q, k, v)
     name = resolve_backend(backend, q)
     if name == "triton":
         return _triton_ops().gla_decode_step(q, k, v, g, state, scale=scale)
+    if name == "chunked" and q.shape[1] == 1 and not torch.is_grad_enabled() and _in_place_ok(state):
+        return chunked_gla_step_(q, k, v, g, state, scale=q.shape[-1] ** -0.5 if scale is None else scale).to(q.dtype)
     o, new_state = _op(name, "gla")(q, k, v, g, scale=scale, initial_state=state, output_final_state=True)
     with torch.no_grad():
         state.copy_(new_state)
     return o
+
+
+def _in_place_ok(state: torch.Tensor) -> bool:
+    """Whether the single-token step may update ``state`` in place: fp32 and contiguous."""
+    return state.dtype == torch.float32 and state.is_contiguous()
 
 
 def fused_liger_attention(

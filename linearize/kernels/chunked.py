@@ -313,3 +313,42 @@ def _swa_blocks(q, k, v, window, scale, key_mask, sinks, block_size):
     o = o.permute(0, 3, 4, 1, 2, 5).reshape(B, n * bq, H, Dv)[:, :Tq]  # [B, Tq, H, Dv]
     lse = lse.permute(0, 3, 4, 1, 2).reshape(B, n * bq, H)[:, :Tq]  # [B, Tq, H]
     return o.to(q.dtype), lse
+
+
+# ------------------------------------------------------------------------------------------------
+# Single-token decode steps (no autograd): a handful of ops, the recurrent state updated in place
+# ------------------------------------------------------------------------------------------------
+
+
+def gla_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor,
+              scale: float = 1.0) -> torch.Tensor:
+    """One token of gated linear attention; ``state`` [B, Hkv, K, V] (fp32, contiguous) advances in place.
+
+    q [B, 1, H, K]; k, g [B, 1, Hkv, K]; v [B, 1, Hkv, V]. Returns o [B, 1, H, V] fp32. Three ops on
+    the state (decay, rank-1 update, read-out) instead of the general path's copy of it per token.
+    """
+    B, _, H, K = q.shape
+    Hkv, V = k.shape[2], v.shape[3]
+    state.mul_(g.float().exp().reshape(B, Hkv, K, 1))  # diag(exp(g_t)) S
+    state.view(B * Hkv, K, V).baddbmm_(k.float().reshape(B * Hkv, K, 1), v.float().reshape(B * Hkv, 1, V))  # + kᵀv
+    o = torch.matmul(q.float().reshape(B, Hkv, H // Hkv, K), state)  # [B, Hkv, G, V]
+    if scale != 1.0:
+        o.mul_(scale)
+    return o.view(B, 1, H, V)
+
+
+def window_step(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, bias: torch.Tensor, scale: float,
+                may_see_nothing: bool = True) -> torch.Tensor:
+    """Softmax attention of one query over a window ring buffer (the slot order does not matter).
+
+    q [B, 1, H, D]; ring_k, ring_v [B, Hkv, W, D]; bias [B, 1, 1, W] fp32: 0 for a visible slot,
+    -inf for an empty or padding one. Returns o [B, 1, H, D] fp32; a query that sees no slot gets 0
+    (as ``sliding_window_attention``) unless ``may_see_nothing`` is False (its own token is visible).
+    """
+    B, _, H, D = q.shape
+    Hkv = ring_k.shape[1]
+    logits = torch.matmul(q.float().reshape(B, Hkv, H // Hkv, D), ring_k.float().transpose(-1, -2))  # [B, Hkv, G, W]
+    p = torch.add(bias, logits, alpha=scale).softmax(dim=-1)
+    if may_see_nothing:
+        p = p.nan_to_num_(0.0)  # an all -inf row
+    return torch.matmul(p, ring_v.float()).view(B, 1, H, -1)  # [B, 1, H, D]

@@ -20,8 +20,10 @@ from ..kernels import (
     fused_liger_attention,
     gated_linear_attention,
     gla_decode_step,
+    resolve_backend,
     sliding_window_attention,
 )
+from ..kernels.chunked import gla_step_, window_step
 from .parts import HedgehogFeatureMap, apply_rope, key_gate
 
 # Keyword the model's forward pre-hook uses to hand the 2D padding mask [B, past + T] down to the
@@ -124,7 +126,63 @@ class HybridAttention(nn.Module):
         if self.run_as_teacher:  # training signal only: the cache is neither read nor written
             return self.teacher_forward(hidden_states, position_embeddings, attention_mask), None
         padding = kwargs.get(PADDING_MASK_KWARG)
+        if cache is not None and self._decodes_in_place(hidden_states):
+            layer = hybrid_layer(cache, self.layer_idx, self._new_cache_layer)
+            if layer.state is not None:
+                return self.decode_step(hidden_states, position_embeddings, padding, layer), None
         return self.hybrid_forward(hidden_states, position_embeddings, padding, cache), None
+
+    # --- single-token decode --------------------------------------------------------------------
+    def _decodes_in_place(self, x: torch.Tensor) -> bool:
+        """Whether this call is a single-token step that ``decode_step`` covers: one token, no
+        autograd or autocast, the chunked backend (the Triton path keeps its own decode kernel), and
+        a conversion without sink tokens, delay line, learned sink logits or shared denominator."""
+        return (
+            x.shape[1] == 1 and self._in_place_config and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type) and resolve_backend(None, x) == "chunked"
+        )
+
+    @property
+    def _in_place_config(self) -> bool:
+        cfg = self.cfg
+        return (not cfg.sink_tokens and not cfg.num_sinks and cfg.linear_span == "all"
+                and cfg.normalizer != "shared")
+
+    @staticmethod
+    def _linear_step_(fq: torch.Tensor, linear: LinearInputs, state: torch.Tensor) -> torch.Tensor:
+        """One token of the linear branch without autograd, ``state`` [B, Hkv, F, V] (fp32,
+        contiguous) advanced in place; fq [B, 1, H, F]. Returns o [B, 1, H, V] fp32. (Subclasses with
+        another recurrence override it.)"""
+        return gla_step_(fq, linear.k, linear.v, linear.log_g, state, scale=1.0)
+
+    def decode_step(self, x, position_embeddings, padding_mask, layer: HybridCacheLayer) -> torch.Tensor:
+        """One token from a filled cache: the same output as ``hybrid_forward`` in a few fused ops,
+        the recurrent state and the window ring buffer updated in place (nothing of the cache is
+        allocated per token). x [B, 1, hidden]."""
+        cfg = self.cfg
+        B = x.shape[0]
+        H = self.num_heads
+        q, k, v = self._qkv(x)  # [B, 1, H|Hkv, D]
+        valid = None if padding_mask is None else padding_mask[:, -1:].to(device=x.device, dtype=torch.bool)  # [B, 1]
+        fq, linear = self._linear_inputs(x, q, k, v, valid)
+        k_r = None
+        if cfg.use_window:
+            cos, sin = position_embeddings
+            qk_r = apply_rope(torch.cat([q, k], dim=2), cos, sin)  # [B, 1, H + Hkv, D]: one rotation for both
+            q_r, k_r = qk_r[:, :, :H], qk_r[:, :, H:]
+        ring, state = layer.decode_step(k_r, v, valid)
+        o = self._linear_step_(fq, linear, state)  # [B, 1, H, V(+1)] fp32
+        if cfg.normalizer != "none":
+            o = self._normalize(o)
+        if cfg.use_window:
+            o_win = window_step(q_r, ring.k, ring.v, ring.bias, self.scaling, may_see_nothing=valid is not None)
+            if cfg.mix == "fixed":
+                w = float(cfg.window_weight)
+                o = o_win.mul_(w).add_(o, alpha=1.0 - w)  # w·o_win + (1 − w)·o_lin
+            else:
+                w = self._window_weight(torch.float32)  # [H, 1]
+                o = o_win.mul_(w).add_(o * (1 - w))
+        return self.o_proj(o.reshape(B, 1, -1).to(x.dtype))
 
     def hybrid_forward(self, x, position_embeddings, padding_mask=None, cache=None) -> torch.Tensor:
         """Linear-branch inputs, one cache update, the window and linear branches, their combination,
@@ -165,7 +223,7 @@ class HybridAttention(nn.Module):
     def _linear_inputs(self, x, q, k, v, valid) -> tuple[torch.Tensor, LinearInputs]:
         """Feature-mapped queries [B, T, H, F] and what enters the state (no RoPE): φk(k) (or HGRN2's
         1 − α), values (plus a ones column that accumulates the denominator), log decays; padding
-        adds nothing and does not decay the state."""
+        (``valid`` [B, T] False; None: no padding) adds nothing and does not decay the state."""
         cfg = self.cfg
         if cfg.gate == "learned":
             log_g = F.logsigmoid(self.gate_proj(x).float()).unsqueeze(-1) / cfg.gate_logit_normalizer  # [B,T,Hkv,1]
@@ -182,9 +240,10 @@ class HybridAttention(nn.Module):
             log_g = log_g.repeat(1, 1, 1, F_dim // log_g.shape[-1])  # hedgehog doubles the features
         if cfg.gate == "hgrn2":  # HGRN2: the key is the complement of the forget gate, feature by feature
             fk = (1 - log_g.exp()).to(fk.dtype)  # [B, T, Hkv, F]
-        keep = valid[:, :, None, None]
-        fk = fk * keep.to(fk.dtype)
-        log_g = log_g * keep
+        if valid is not None:  # None: every token is real
+            keep = valid[:, :, None, None]
+            fk = fk * keep.to(fk.dtype)
+            log_g = log_g * keep
         if cfg.normalizer != "none":
             v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [B, T, Hkv, D + 1]: last column sums z
         return fq, LinearInputs(fk, v, log_g.float())  # decays stay fp32 whatever the activations' dtype
