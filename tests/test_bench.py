@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from linearize import cli
 import linearize
 from linearize import bench as mb
+from linearize.cli.allocator import ALLOCATOR_ENV
 from tiny_models import COMMON, tiny_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -23,7 +27,8 @@ def folders(tmp_path):
     return teacher_dir, converted_dir
 
 
-def test_bench_cli_writes_json_and_png(folders, tmp_path, capsys):
+def test_bench_cli_writes_json_and_png(folders, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(ALLOCATOR_ENV, "system")  # the test process keeps glibc's defaults (the mode is recorded)
     teacher_dir, converted_dir = folders
     limit = COMMON["max_position_embeddings"]
     too_long = 2 * limit
@@ -33,7 +38,9 @@ def test_bench_cli_writes_json_and_png(folders, tmp_path, capsys):
     assert cli.main(argv) == 0
 
     report = json.loads(out.read_text())
-    assert {"command", "hardware", "versions", "settings", "results", "teacher_limit", "memory_kind"} <= set(report)
+    assert {"command", "hardware", "versions", "settings", "results", "teacher_limit", "memory_kind",
+            "allocator"} <= set(report)
+    assert report["allocator"].startswith("system")
     assert report["versions"]["torch"] and report["hardware"]["cpu_count"] >= 1
     assert report["command"].startswith("linearize bench ")
     assert cli.build_parser().parse_args(report["command"].split()[1:]).max_batch == 2  # the command reruns
@@ -170,3 +177,40 @@ def test_report_without_matplotlib_keeps_table_and_json(tmp_path, monkeypatch, c
     # an earlier bench report (and its chart) may be replaced
     (tmp_path / "b.png").write_bytes(PNG_SIGNATURE)
     assert mb.check_report_path(tmp_path / "b.json") == (tmp_path / "b.json").resolve()
+
+
+# Allocates, touches and frees a 64 MiB block five times; prints the mode and the page faults of the
+# last four rounds (glibc's defaults unmap the block at every free, so each round faults it in again).
+_FAULTS = """
+import ctypes, ctypes.util, resource
+from linearize.cli.allocator import keep_freed_memory
+mode = keep_freed_memory()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+n = 64 << 20
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = libc.malloc(n)
+    ctypes.memset(p, 1, n)
+    libc.free(ctypes.c_void_p(p))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(mode, sum(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_linearize_processes_keep_freed_memory_unless_told_not_to():
+    """The setting ``linearize``'s main applies: a large block freed and allocated again is not
+    page-faulted in again (issue 19: prefill grew > 2x per doubling from those faults)."""
+    results = {}
+    for mode in ("default", "system"):
+        env = {k: v for k, v in os.environ.items() if k != ALLOCATOR_ENV}
+        if mode == "system":
+            env[ALLOCATOR_ENV] = "system"
+        out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
+        results[mode] = out.stdout.split()
+    assert results["default"][0] == "retain" and results["system"][0] == "system"
+    page_faults_per_round = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert int(results["system"][1]) > 3 * page_faults_per_round  # faulted in again every round
+    assert int(results["default"][1]) < page_faults_per_round // 4  # reused

@@ -93,6 +93,29 @@ def retain_freed_memory() -> None:
         raise ValueError("glibc refused mallopt(M_MMAP_MAX / M_TRIM_THRESHOLD); leave --retain-freed-memory out")
 
 
+def release_freed_memory() -> None:
+    """Hand the memory glibc keeps for reuse back to the OS (``malloc_trim``), so that each
+    measurement's peak RSS is its own even where freed memory is retained (the ``linearize`` command's
+    default, ``linearize.cli.allocator``). No-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def allocator_mode(cfg: BenchConfig) -> str:
+    """What the results were measured under, in words: glibc's defaults or freed memory retained."""
+    import os
+
+    if cfg.device != "cpu":
+        return "device allocator"
+    if cfg.retain_freed_memory or os.environ.get("LINEARIZE_ALLOCATOR") == "retain":
+        return "retain freed memory (glibc mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1; the linearize command's default)"
+    return "system (glibc defaults: large tensors unmapped on free, page-faulted in again)"
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -198,6 +221,8 @@ def measure_context(model, context: int, cfg: BenchConfig, device: torch.device,
 
     gen = torch.Generator().manual_seed(cfg.seed + context)
     row = {"context": context, "batch": cfg.batch}
+    if device.type == "cpu":
+        release_freed_memory()  # this cell's peak RSS starts from what the process holds, not what it kept
     try:
         with torch.inference_mode(), PeakMemory(device) as mem:
             ids = _tokens(vocab, cfg.batch, context, device, gen)
@@ -233,6 +258,8 @@ def measure_throughput(model, context: int, cfg: BenchConfig, device: torch.devi
     """Decode tokens/s at the largest batch (doubling from 1, up to ``max_batch``) that fits."""
     best, tried = None, []
     batch = 1
+    if device.type == "cpu":
+        release_freed_memory()
     while batch <= cfg.max_batch:
         gen = torch.Generator().manual_seed(cfg.seed)
         try:

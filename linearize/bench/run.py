@@ -18,7 +18,15 @@ from linearize.config import torch_dtype
 from linearize.errors import LinearizeError
 
 from . import measure
-from .measure import STATUS_LIMIT, BenchConfig, PeakMemory, measure_context, measure_throughput, retain_freed_memory
+from .measure import (
+    STATUS_LIMIT,
+    BenchConfig,
+    PeakMemory,
+    allocator_mode,
+    measure_context,
+    measure_throughput,
+    retain_freed_memory,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +166,8 @@ def run_bench(
         "settings": asdict(cfg),
         "teacher_limit": limit,
         "memory_kind": PeakMemory.kind(device) + (
-            "; freed memory retained: the later model inherits the earlier one's peak"
-            if cfg.retain_freed_memory and device.type == "cpu" else ""),
+            "; freed memory handed back to the OS (malloc_trim) before each measurement" if device.type == "cpu" else ""),
+        "allocator": allocator_mode(cfg),
         **environment(device),
         "results": results,
     }

@@ -21,6 +21,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable
 
+from .allocator import keep_freed_memory
 from .boundary import one_line, user_message
 from .verbs import (
     add_bench, add_convert, add_eval, add_finetune, add_generate, add_push, finetune_epilog, run_bench,
@@ -153,6 +154,8 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "system_allocator", False):
+        keep_freed_memory()  # before the verb allocates anything large (see allocator.py)
     try:
         args.run(args)
     except KeyboardInterrupt:

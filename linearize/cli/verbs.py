@@ -138,7 +138,10 @@ def add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_POSITIVE_INT, default=None, help="CPU threads for torch (default: torch's own)")
     p.add_argument("--retain-freed-memory", action="store_true",
                    help="CPU (glibc): keep freed memory in the process instead of page-faulting large tensors "
-                   "in again at every forward, as jemalloc/tcmalloc servers do (both models)")
+                   "in again at every forward (both models); every linearize command now does this by default")
+    p.add_argument("--system-allocator", action="store_true",
+                   help="CPU (glibc): keep glibc's defaults instead (freed large tensors go back to the OS and are "
+                   "page-faulted in again), as in a Python process that imports linearize; recorded in the results")
     p.add_argument("--teacher-beyond-limit", action="store_true",
                    help="time the teacher past its declared context limit too (random tokens: only the cost counts)")
     p.add_argument("--out", default="bench.json", help="JSON results file; the PNG goes beside it (default bench.json)")
@@ -162,7 +165,8 @@ def run_bench(args) -> None:
         dtype=args.dtype or ("bfloat16" if cuda else "float32"), decode_steps=args.decode_steps,
         warmup_steps=args.warmup_steps, throughput_context=args.throughput_context,
         max_batch=args.max_batch if args.max_batch is not None else (256 if cuda else 4), threads=args.threads,
-        teacher_beyond_limit=args.teacher_beyond_limit, retain_freed_memory=args.retain_freed_memory,
+        teacher_beyond_limit=args.teacher_beyond_limit,
+        retain_freed_memory=args.retain_freed_memory and not args.system_allocator,
     )
     out = mb.check_report_path(args.out)  # before minutes of measuring
     if args.out == "bench.json":
