@@ -87,13 +87,6 @@ class DeltaAttention(HybridAttention):
         return fq, LinearInputs(k_in, v_in, log_g)
 
     # --- branches -------------------------------------------------------------------------------
-    @property
-    def _in_place_config(self) -> bool:
-        # HybridAttention.decode_step runs the delta rule only where it advances the state through the
-        # ``_linear_step_`` hook (below); without the hook every step goes through hybrid_forward, whose
-        # linear branch takes delta_decode_step.
-        return hasattr(HybridAttention, "_linear_step_") and super()._in_place_config
-
     @staticmethod
     def _linear_step_(fq: torch.Tensor, linear: LinearInputs, state: torch.Tensor) -> torch.Tensor:
         """One token of the delta rule without autograd, ``state`` [B, Hkv, F, V] (fp32, contiguous)
