@@ -80,6 +80,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # recovery ratio is student / teacher-lora (it separates domain adaptation from recovery).
     "teacher-lora": ("control: the teacher itself (no conversion) finetuned with the same LoRA on the same "
                      "data and tokens", [*TEACHER_ONLY, "stages=[lora]"]),
+    # ... and without the linear branch: window + sink tokens only (StreamingLLM), otherwise the
+    # lizard-split-sink-tokens row (the default's conversion): does the linear branch earn its keep?
+    "window-sinks-only": ("control: lizard-split-sink-tokens without the linear branch (softmax over the "
+                          "window and the 4 sink tokens only)",
+                          [*LIZARD, *ATTENTION_TRANSFER, *SPLIT, "conversion.sink_tokens=4", "conversion.num_sinks=0",
+                           "conversion.linear=none"]),
 }
 # Variants whose kept layers come from another variant's per-layer transfer error: name -> (source, count).
 KEEP_BY_ERROR = {"lizard-keep-1in6-worst": ("lizard", 5)}

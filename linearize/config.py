@@ -45,7 +45,7 @@ FEATURE_MAPS = ("softmax", "hedgehog")
 MIXES = ("fixed", "learned")
 NORMALIZERS = ("none", "separate", "shared")
 LINEAR_SPANS = ("all", "beyond_window")
-LINEARS = ("gla", "delta")
+LINEARS = ("gla", "delta", "none")
 
 MAX_WINDOW = 1_048_576
 """Longest sliding window (and most sink tokens) accepted, in tokens: 1M. The window's KV buffer and
@@ -229,7 +229,9 @@ class ConversionConfig:
     Gated DeltaNet), φq(q) and φk(k) are L2-normalised per head, the write strength
     β_t = σ(W_β x_t) is a new projection per key/value head (starts at β = 0.5), an unset normalizer
     is ``none``, ``separate`` is refused, and ``shared`` weighs the window against the delta read-out
-    by the state's match mass (README, "The delta-rule linear branch")."""
+    by the state's match mass (README, "The delta-rule linear branch"). ``none``: no linear branch,
+    the layer is the window's softmax alone (with its sink tokens or learned sinks: StreamingLLM's
+    attention), the control that asks whether the linear branch earns its keep (issue 16)."""
 
     def __post_init__(self) -> None:
         self.mixer = check_setting("mixer", self.mixer)
@@ -256,6 +258,8 @@ class ConversionConfig:
                 "linear_span='beyond_window' splits one softmax between the window and the older tokens: "
                 f"it needs normalizer='shared' (got {self.normalizer!r})"
             )
+        if self.linear == "none" and not self.use_window:
+            raise ValueError("linear='none' leaves only the window branch: it needs use_window=True")
         if self.linear == "delta" and self.normalizer == "separate":
             raise ValueError(
                 "normalizer='separate' divides the linear read-out by φqᵀz, a sum of positive weights under the "

@@ -31,6 +31,7 @@ RUNTIME_MODULES = {
     "mixers": "linearize_mixers",
     "mixers.parts": "linearize_mixers_parts",
     "mixers.hybrid": "linearize_mixers_hybrid",
+    "mixers.window_only": "linearize_mixers_window_only",
     "mixers.delta": "linearize_mixers_delta",
     "surgery": "linearize_surgery",
     "modeling": "linearize_modeling",

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .arch import arch_spec, decoder_layers
 from .config import ConversionConfig
-from .mixers import PADDING_MASK_KWARG, DeltaAttention, HybridAttention
+from .mixers import PADDING_MASK_KWARG, DeltaAttention, HybridAttention, WindowOnlyAttention
 
 # Attribute of the decoder stack holding the padding hook's handle (absent: no hook).
 _HOOK_ATTR = "_linearize_padding_hook"
@@ -54,7 +54,7 @@ def build_converted(model: nn.Module, base_model_type: str) -> nn.Module:
     config = conversion_settings(model.config)
     spec = arch_spec(base_model_type)
     layers = decoder_layers(model, spec)
-    mixer_class = DeltaAttention if config.linear == "delta" else HybridAttention
+    mixer_class = {"delta": DeltaAttention, "none": WindowOnlyAttention}.get(config.linear, HybridAttention)
     for idx, (layer, kind) in enumerate(zip(layers, config.layer_kinds(len(layers)))):
         if kind == "softmax":
             continue

@@ -88,6 +88,8 @@ def test_worst_layers_and_bad_variants(tmp_path):
     # the control also on the default recipe (the 60-minute runs): the teacher, LoRA only
     control = load_recipe("recipes/smollm2-135m-cpu.yaml", study.VARIANTS["teacher-lora"][1])
     assert control.stages == ["lora"] and control.conversion.mixer == "softmax"
+    control = load_recipe("recipes/smollm2-135m-cpu.yaml", study.VARIANTS["window-sinks-only"][1])
+    assert control.conversion.linear == "none" and control.conversion.sink_tokens == 4
 
 
 def test_rows_from_finished_finetunes(tmp_path):

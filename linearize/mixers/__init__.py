@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .delta import DeltaAttention
 from .hybrid import PADDING_MASK_KWARG, HybridAttention
+from .window_only import WindowOnlyAttention
 
 
 def iter_mixers(model: nn.Module) -> Iterator[tuple[int, HybridAttention]]:
@@ -32,4 +33,5 @@ def teacher_attention(model: nn.Module):
             m.run_as_teacher = was
 
 
-__all__ = ["PADDING_MASK_KWARG", "DeltaAttention", "HybridAttention", "iter_mixers", "teacher_attention"]
+__all__ = ["PADDING_MASK_KWARG", "DeltaAttention", "HybridAttention", "WindowOnlyAttention", "iter_mixers",
+           "teacher_attention"]
