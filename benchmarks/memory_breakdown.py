@@ -1,12 +1,16 @@
 """Where one LoRA step's memory goes: the tensors autograd keeps for the backward pass, by module.
 
     OMP_NUM_THREADS=1 python -m benchmarks.memory_breakdown recipes/smollm2-135m-cpu.yaml [--seq-len 2048]
+        [--ops autograd recompute]
 
 Builds the recipe's converted model with its LoRA adapters, runs one forward of a [1, T] batch with
 ``saved_tensors_hooks`` recording every tensor autograd saves (deduplicated by storage), attributed
 to the innermost module running at the time (mixer, MLP, rest of the layer, LM head and loss), once
 with the model's own full-logits cross-entropy (``lora.lm_loss_chunk=0``) and once with the chunked
-loss. Weights, which autograd also references, are not counted. Prints a Markdown table (recorded in benchmarks/results/memory_cpu.md).
+loss. Weights, which autograd also references, are not counted. ``--ops``: one column per variant of
+the chunked GLA / window ops' backward (``benchmarks/light_ops.py``: autograd over the forward, or
+``kernels/chunked_backward.py``'s recomputing Functions), each with the chunked loss. Prints a
+Markdown table (recorded in benchmarks/results/memory_cpu.md).
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("recipe")
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--ops", nargs="+", default=None, help="columns by chunked-op backward variant instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
     recipe = load_recipe(args.recipe)
@@ -88,8 +93,17 @@ def main() -> None:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
-    rows = {"full logits (before)": saved_by_module(model, ids, 0),
-            f"chunked {recipe.lora.lm_loss_chunk} (after)": saved_by_module(model, ids, recipe.lora.lm_loss_chunk)}
+    if args.ops:
+        from benchmarks.light_ops import use
+
+        rows = {}
+        for variant in args.ops:
+            use(variant)
+            rows[f"ops: {variant}"] = saved_by_module(model, ids, recipe.lora.lm_loss_chunk)
+        use("autograd")
+    else:
+        rows = {"full logits (before)": saved_by_module(model, ids, 0),
+                f"chunked {recipe.lora.lm_loss_chunk} (after)": saved_by_module(model, ids, recipe.lora.lm_loss_chunk)}
     keys = sorted({k for r in rows.values() for k in r})
     gb = 1e9
     print(f"T={args.seq_len}, vocab={model.config.vocab_size}; weights {weights / gb:.3f} GB, trainable "

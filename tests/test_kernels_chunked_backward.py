@@ -22,6 +22,7 @@ def light(monkeypatch):
                "checkpoint": chunked_backward.gla_chunked_checkpointed}[variant]
         swa = {"autograd": chunked._swa_blocks, "recompute": chunked_backward.swa_blocks,
                "checkpoint": chunked_backward.swa_blocks_checkpointed}[variant]
+        monkeypatch.setattr(chunked, "LIGHT_BACKWARD", False, raising=False)  # chunked.py's own switch, if wired
         monkeypatch.setattr(chunked, "_gla_chunked", gla)
         monkeypatch.setattr(chunked, "_swa_blocks", swa)
 

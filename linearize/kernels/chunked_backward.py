@@ -34,11 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .chunked import SUB_CHUNK_SIZE, _gla_chunked, _swa_blocks, _window_softmax
+from .chunked import _gla_chunked, _swa_blocks
 
 # ------------------------------------------------------------------------------------------------
 # Gated linear attention
 # ------------------------------------------------------------------------------------------------
+
+
+BACKWARD_SUB_CHUNK_SIZE = 8
+"""Sub-chunk length c of the GLA backward (it recomputes everything, so it need not be the forward's
+16): its exact diagonal blocks cost O(T·c·K), the factored off-diagonal ones O(T·C·K / c). At the
+default recipe's shapes (T 2048, C 64, K 128, H 9, Hkv 3, 1 thread, load 5.3) the backward took
+235-264 ms CPU with c = 8 and 286-339 ms with c = 16 (``benchmarks/light_ops.py --time-ops``)."""
 
 
 class _GLASegment(torch.autograd.Function):
@@ -74,7 +81,7 @@ def _gla_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, chunk_size):
     B, T, Hkv, G, K = qf.shape
     V = vf.shape[-1]
     C = chunk_size
-    c = math.gcd(C, SUB_CHUNK_SIZE)
+    c = math.gcd(C, BACKWARD_SUB_CHUNK_SIZE)  # the backward's own sub-chunks (it recomputes everything)
     n, ns = -(-T // C), C // c
     pad = n * C - T
     qc = F.pad(qf, (0, 0, 0, 0, 0, 0, 0, pad)).reshape(B, n, C, Hkv, G, K).permute(0, 3, 4, 1, 2, 5)  # [B, Hkv, G, n, C, K]
@@ -100,13 +107,13 @@ def _gla_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, chunk_size):
     q_off = q_sub * e_q  # [B, Hkv, G, n, ns, c, K]
     k_log = rest[:, :, :, None] + between[..., None, :]  # [B, Hkv, n, ns(I), ns(J), c, K]
     earlier = sub[None, :] < sub[:, None]  # [I, J]
-    e_off = k_log.masked_fill(~earlier[:, :, None, None], float("-inf")).reshape(B, Hkv, n, ns, C, K).exp()  # [B, Hkv, n, ns, C, K]
+    e_off = k_log.masked_fill_(~earlier[:, :, None, None], float("-inf")).reshape(B, Hkv, n, ns, C, K).exp_()  # [B, Hkv, n, ns, C, K]
     k_off = kc[:, :, :, None] * e_off  # [B, Hkv, n, ns, C, K]
     a_off = torch.einsum("bhgnick,bhnijk->bhgnicj", q_off, k_off)  # [B, Hkv, G, n, ns, c, C]
     da_off = torch.einsum("bhgnicv,bhnjv->bhgnicj", do_sub, vc)  # [B, Hkv, G, n, ns, c, C]
     dv = torch.einsum("bhgnicj,bhgnicv->bhnjv", a_off, do_sub)  # [B, Hkv, n, C, V]
     dq_sub = torch.einsum("bhgnicj,bhnijk->bhgnick", da_off, k_off) * e_q  # [B, Hkv, G, n, ns, c, K]
-    dk = (torch.einsum("bhgnicj,bhgnick->bhnijk", da_off, q_off) * e_off).sum(dim=3)  # [B, Hkv, n, C, K]
+    dk = torch.einsum("bhgnicj,bhgnick->bhnijk", da_off, q_off).mul_(e_off).sum(dim=3)  # [B, Hkv, n, C, K]
     del a_off, da_off, k_off, q_off, e_off, k_log
 
     # Diagonal sub-chunk blocks: exact per key dimension.
@@ -114,8 +121,7 @@ def _gla_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, chunk_size):
     span = (pos[None, :, None] < pos[None, None, :]) & (pos[None, None, :] <= pos[:, None, None])  # [i, j, s]
     d_log = torch.einsum("ijs,bhnask->bhnaijk", span.to(gc.dtype), g_sub)  # [B, Hkv, n, ns, c, c, K]
     causal = pos[None, :] <= pos[:, None]
-    e_diag = d_log.masked_fill(~causal[..., None], float("-inf")).exp()  # [B, Hkv, n, ns, c, c, K]
-    del d_log
+    e_diag = d_log.masked_fill_(~causal[..., None], float("-inf")).exp_()  # [B, Hkv, n, ns, c, c, K]
     k_sub = kc.reshape(B, Hkv, n, ns, 1, c, K)
     kd = e_diag * k_sub  # [B, Hkv, n, ns, c, c, K]
     v_sub = vc.reshape(B, Hkv, n, ns, c, V)
@@ -124,7 +130,7 @@ def _gla_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, chunk_size):
     dv = dv + torch.einsum("bhgnsij,bhgnsiv->bhnsjv", a_diag, do_sub).reshape(B, Hkv, n, C, V)
     dq_sub = dq_sub + torch.einsum("bhgnsij,bhnsijk->bhgnsik", da_diag, kd)
     qda = torch.einsum("bhgnsij,bhgnsik->bhnsijk", da_diag, q_sub)  # [B, Hkv, n, ns, c, c, K]
-    dk = dk + (qda * e_diag).sum(dim=4).reshape(B, Hkv, n, C, K)
+    dk = dk + qda.mul_(e_diag).sum(dim=4).reshape(B, Hkv, n, C, K)
     del kd, e_diag, qda, a_diag, da_diag
     dqc = dq_sub.reshape(B, Hkv, G, n, C, K)
 
@@ -170,6 +176,12 @@ def _gla_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, chunk_size):
 # Sliding-window attention
 # ------------------------------------------------------------------------------------------------
 
+BACKWARD_BLOCK_SIZE = 32
+"""Query block length of the window backward (its rows' lse is saved, so it need not use the
+forward's blocks): a block of bq queries multiplies against bq + window - 1 keys, so shorter blocks
+waste less of each product on keys outside the band. 32 measured best of 16/32/64/128 at window
+128, D 64, H 9, Hkv 3 on 2 shared CPU cores (``benchmarks/light_ops.py --time-ops``)."""
+
 
 class _SWASegment(torch.autograd.Function):
     """``chunked._swa_blocks`` with a recomputing flash-attention style backward."""
@@ -178,13 +190,13 @@ class _SWASegment(torch.autograd.Function):
     def forward(ctx, q, k, v, sinks, key_mask, window, scale, block_size):
         o, lse = _swa_blocks(q, k, v, window, scale, key_mask, sinks, block_size)
         ctx.args = (window, scale, block_size)
-        ctx.save_for_backward(q, k, v, sinks, key_mask)
+        ctx.save_for_backward(q, k, v, sinks, key_mask, lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, sinks, key_mask = ctx.saved_tensors
-        dq, dk, dv, dsinks = _swa_segment_backward(q, k, v, sinks, key_mask, *ctx.args, do, dlse)
+        q, k, v, sinks, key_mask, lse = ctx.saved_tensors
+        dq, dk, dv, dsinks = _swa_segment_backward(q, k, v, sinks, key_mask, lse, *ctx.args, do, dlse)
         return dq, dk, dv, dsinks, None, None, None, None
 
 
@@ -200,15 +212,17 @@ def swa_blocks_checkpointed(q, k, v, window, scale, key_mask, sinks, block_size)
     return checkpoint(_swa_blocks, q, k, v, window, scale, key_mask, sinks, block_size, use_reentrant=False)
 
 
-def _swa_segment_backward(q, k, v, sinks, key_mask, window, scale, block_size, do, dlse):
-    """Gradients of ``_swa_blocks`` w.r.t. q, k, v and sinks (the forward's blocks, recomputed)."""
+def _swa_segment_backward(q, k, v, sinks, key_mask, lse, window, scale, block_size, do, dlse):
+    """Gradients of ``_swa_blocks`` w.r.t. q, k, v and sinks: the forward's query blocks and the keys
+    each can see, probabilities recomputed from the saved lse. The [.., bq, L] tensors are laid out
+    [B, Hkv, n, G * bq, L] so every product is a plain batched matmul."""
     B, Tq, H, D = q.shape
     Tk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
     W = min(window, Tk)
     first = Tk - Tq - (W - 1)
     front = max(0, -first)
-    bq = min(Tq, max(block_size, W))
+    bq = min(Tq, BACKWARD_BLOCK_SIZE)  # the backward's own query blocks: it needs only each row's lse
     n = -(-Tq // bq)
     back = n * bq - Tq
     L = bq + W - 1
@@ -216,38 +230,51 @@ def _swa_segment_backward(q, k, v, sinks, key_mask, window, scale, block_size, d
     keep = torch.ones(B, Tk, dtype=torch.bool, device=k.device) if key_mask is None else key_mask.bool()
     keep = F.pad(keep[:, max(0, first) :], (front, back), value=False)  # [B, n*bq + W - 1]
     kf, vf = (F.pad(x[:, max(0, first) :].float(), (0, 0, 0, 0, front, back)) for x in (k, v))  # [B, n*bq + W - 1, Hkv, .]
-    k_blocks = kf.unfold(1, L, bq)  # [B, n, Hkv, D, L]
-    v_blocks = vf.unfold(1, L, bq)  # [B, n, Hkv, Dv, L]
+    k_blocks = kf.unfold(1, L, bq).permute(0, 2, 1, 3, 4)  # [B, Hkv, n, D, L]
+    v_blocks = vf.unfold(1, L, bq).permute(0, 2, 1, 3, 4)  # [B, Hkv, n, Dv, L]
     keep_blocks = keep.unfold(1, L, bq)  # [B, n, L]
-    qf = (F.pad(q.float(), (0, 0, 0, 0, 0, back)) * scale).reshape(B, n, bq, Hkv, group, D)  # [B, n, bq, Hkv, G, D]
-    logits = torch.einsum("bnrhgd,bnhdl->bhgnrl", qf, k_blocks)  # [B, Hkv, G, n, bq, L]
+
+    def blocks(x, last):  # [B, Tq, H, last] -> [B, Hkv, n, G * bq, last]
+        x = F.pad(x.float(), (0, 0, 0, 0, 0, back)).reshape(B, n, bq, Hkv, group, last)
+        return x.permute(0, 3, 1, 4, 2, 5).reshape(B, Hkv, n, group * bq, last)
+
+    qf = blocks(q, D) * scale  # [B, Hkv, n, G*bq, D]
+    do_b = blocks(do, Dv)  # [B, Hkv, n, G*bq, Dv]
+    # lse per row; rows past Tq and rows that see nothing get +inf, so their probabilities are 0.
+    lse_rows = torch.where(torch.isneginf(lse), float("inf"), lse)
+    lse_b = blocks(lse_rows[..., None], 1)  # [B, Hkv, n, G*bq, 1]
+    if back:
+        lse_b = lse_b.reshape(B, Hkv, n, group, bq)
+        lse_b[:, :, -1, :, bq - back :] = float("inf")
+        lse_b = lse_b.reshape(B, Hkv, n, group * bq, 1)
+    dlse_b = blocks(dlse[..., None], 1)  # [B, Hkv, n, G*bq, 1]
+
     rows = torch.arange(bq, device=q.device)[:, None]
     cols = torch.arange(L, device=q.device)[None, :]
     band = (cols >= rows) & (cols < rows + W)  # [bq, L]
-    visible = band & keep_blocks[:, None, None, :, None, :]  # [B, 1, 1, n, bq, L]
-    p, denom, lse = _window_softmax(logits.masked_fill(~visible, float("-inf")), sinks, Hkv, group)
-    del logits
-    p = p / denom[..., None]  # [B, Hkv, G, n, bq, L] normalised probabilities (0 where masked)
+    visible = band & keep_blocks[:, None, :, None, :]  # [B, 1, n, bq, L]
+    p = torch.matmul(qf, k_blocks).reshape(B, Hkv, n, group, bq, L)  # [B, Hkv, n, G, bq, L] logits
+    p = p.masked_fill_(~visible[:, :, :, None], float("-inf")).sub_(lse_b.reshape(B, Hkv, n, group, bq, 1))
+    p = p.exp_().reshape(B, Hkv, n, group * bq, L)  # probabilities, 0 where masked
 
-    do_b = F.pad(do.float(), (0, 0, 0, 0, 0, back)).reshape(B, n, bq, Hkv, group, Dv).permute(0, 3, 4, 1, 2, 5)  # [B, Hkv, G, n, bq, Dv]
-    dlse_b = F.pad(dlse.float(), (0, 0, 0, back)).reshape(B, n, bq, Hkv, group).permute(0, 3, 4, 1, 2)  # [B, Hkv, G, n, bq]
-    dp = torch.einsum("bhgnrv,bnhvl->bhgnrl", do_b, v_blocks)  # [B, Hkv, G, n, bq, L]
-    dv_blocks = torch.einsum("bhgnrl,bhgnrv->bnhvl", p, do_b)  # [B, n, Hkv, Dv, L]
-    delta = (p * dp).sum(dim=-1)  # [B, Hkv, G, n, bq] = do · o
-    ds = p * (dp - (delta - dlse_b)[..., None])  # [B, Hkv, G, n, bq, L] gradient of the logits
-    del dp
-    dq = torch.einsum("bhgnrl,bnhdl->bnrhgd", ds, k_blocks) * scale  # [B, n, bq, Hkv, G, D]
-    dk_blocks = torch.einsum("bhgnrl,bnrhgd->bnhdl", ds, qf)  # [B, n, Hkv, D, L]
-    dkf = torch.ops.aten.unfold_backward(dk_blocks, list(kf.shape), 1, L, bq)  # [B, n*bq + W - 1, Hkv, D]
-    dvf = torch.ops.aten.unfold_backward(dv_blocks, list(vf.shape), 1, L, bq)
+    dp = torch.matmul(do_b, v_blocks)  # [B, Hkv, n, G*bq, L]
+    dv_blocks = torch.matmul(p.transpose(-1, -2), do_b)  # [B, Hkv, n, L, Dv]
+    delta = (p * dp).sum(dim=-1, keepdim=True)  # [B, Hkv, n, G*bq, 1] = do · o
+    ds = dp.sub_(delta - dlse_b).mul_(p)  # [B, Hkv, n, G*bq, L] gradient of the logits
+    del p
+    dq = torch.matmul(ds, k_blocks.transpose(-1, -2)) * scale  # [B, Hkv, n, G*bq, D]
+    dk_blocks = torch.matmul(ds.transpose(-1, -2), qf)  # [B, Hkv, n, L, D]
+    del ds
+    dkf = torch.ops.aten.unfold_backward(dk_blocks.permute(0, 2, 1, 4, 3), list(kf.shape), 1, L, bq)  # [B, n*bq + W - 1, Hkv, D]
+    dvf = torch.ops.aten.unfold_backward(dv_blocks.permute(0, 2, 1, 4, 3), list(vf.shape), 1, L, bq)
     dk, dv = (F.pad(x[:, front : x.shape[1] - back], (0, 0, 0, 0, max(0, first), 0)) for x in (dkf, dvf))  # [B, Tk, Hkv, .]
 
     dsinks = None
     if sinks is not None:
-        sink_logits = sinks.float().reshape(Hkv, group, 1, 1, -1)  # [Hkv, G, 1, 1, M]
-        lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        p_sink = (sink_logits - lse_safe[..., None]).exp()  # [B, Hkv, G, n, bq, M]
-        dsinks = (p_sink * (dlse_b - delta)[..., None]).sum(dim=(0, 3, 4)).reshape(sinks.shape).to(sinks.dtype)
+        sink_logits = sinks.float().reshape(Hkv, 1, group, 1, -1)  # [Hkv, 1, G, 1, M]
+        p_sink = (sink_logits - lse_b.reshape(B, Hkv, n, group, bq, 1)).exp()  # [B, Hkv, n, G, bq, M]
+        weight = (dlse_b - delta).reshape(B, Hkv, n, group, bq, 1)
+        dsinks = (p_sink * weight).sum(dim=(0, 2, 4)).reshape(sinks.shape).to(sinks.dtype)
 
-    dq = dq.reshape(B, n * bq, H, D)[:, :Tq]
+    dq = dq.reshape(B, Hkv, n, group, bq, D).permute(0, 2, 4, 1, 3, 5).reshape(B, n * bq, H, D)[:, :Tq]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks

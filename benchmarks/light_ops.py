@@ -1,0 +1,95 @@
+"""Run the ``linearize`` CLI (or time the ops) with the chunked ops' backward switched, for before/after.
+
+    OMP_NUM_THREADS=1 /usr/bin/time -v python -m benchmarks.light_ops --ops recompute -- finetune recipes/... ...
+    OMP_NUM_THREADS=1 python -m benchmarks.light_ops --ops autograd --time-ops
+
+``--ops``: ``autograd`` (the chunked ops as they are: autograd keeps every intermediate),
+``recompute`` (``kernels/chunked_backward.py``: inputs saved, hand-written backward) or
+``checkpoint`` (``torch.utils.checkpoint`` per segment). The switch is a monkeypatch of
+``chunked._gla_chunked`` / ``chunked._swa_blocks`` made here, not in library code. ``--time-ops``
+times forward + backward of both ops at the default recipe's shapes (SmolLM2-135M, hedgehog features,
+shared denominator: GLA q [1, T, 9, 128], k [1, T, 3, 128], v [1, T, 3, 65]; window 128, D 64).
+Results: benchmarks/results/memory_cpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from linearize.kernels import chunked, chunked_backward
+
+VARIANTS = {
+    "autograd": (chunked._gla_chunked, chunked._swa_blocks),
+    "recompute": (chunked_backward.gla_chunked, chunked_backward.swa_blocks),
+    "checkpoint": (chunked_backward.gla_chunked_checkpointed, chunked_backward.swa_blocks_checkpointed),
+}
+
+
+def use(variant: str) -> None:
+    """Route chunked.py's segments through ``variant`` (its own switch, where present, turned off)."""
+    if hasattr(chunked, "LIGHT_BACKWARD"):
+        chunked.LIGHT_BACKWARD = False
+    chunked._gla_chunked, chunked._swa_blocks = VARIANTS[variant]
+
+
+def time_ops(T: int, repeats: int, variants: list[str]) -> None:
+    """Forward and backward of both ops, the variants interleaved (shared machine: same conditions).
+    Prints medians of wall time and of this process's CPU time (less sensitive to other jobs)."""
+    torch.manual_seed(0)
+    q = torch.randn(1, T, 9, 128).softmax(-1).requires_grad_()  # [B, T, H, 2D] hedgehog features
+    k = torch.randn(1, T, 3, 128).softmax(-1).requires_grad_()  # [B, T, Hkv, 2D]
+    v = torch.randn(1, T, 3, 65).requires_grad_()  # [B, T, Hkv, D + 1] shared denominator column
+    g = (F.logsigmoid(torch.randn(1, T, 3, 128)) / 16).requires_grad_()
+    qr = torch.randn(1, T, 9, 64).requires_grad_()  # [B, T, H, D]
+    kr, vr = torch.randn(1, T, 3, 64).requires_grad_(), torch.randn(1, T, 3, 64).requires_grad_()
+    ops = {
+        "gla": lambda: chunked.gated_linear_attention(q, k, v, g, scale=1.0)[0],
+        "swa": lambda: chunked.sliding_window_attention(qr, kr, vr, window=128)[0],
+    }
+    times = {(v_, op, part): [] for v_ in variants for op in ops for part in ("fwd", "bwd", "fwd cpu", "bwd cpu")}
+    for _ in range(repeats):
+        for variant in variants:
+            use(variant)
+            for name, run in ops.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                o = run()
+                t1, c1 = time.perf_counter(), time.process_time()
+                o.backward(torch.ones_like(o))
+                t2, c2 = time.perf_counter(), time.process_time()
+                for part, dt in (("fwd", t1 - t0), ("bwd", t2 - t1), ("fwd cpu", c1 - c0), ("bwd cpu", c2 - c1)):
+                    times[variant, name, part].append(dt)
+    for variant in variants:
+        for name in ops:
+            m = {part: statistics.median(times[variant, name, part]) * 1e3 for part in ("fwd", "bwd", "fwd cpu", "bwd cpu")}
+            print(f"{variant:10s} {name}: forward {m['fwd']:6.1f} ms (cpu {m['fwd cpu']:6.1f}), backward "
+                  f"{m['bwd']:6.1f} ms (cpu {m['bwd cpu']:6.1f}), total {m['fwd'] + m['bwd']:6.1f} ms "
+                  f"(cpu {m['fwd cpu'] + m['bwd cpu']:6.1f}); median of {repeats}, T={T}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", choices=list(VARIANTS), default="recompute")
+    parser.add_argument("--time-ops", action="store_true")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("cli", nargs=argparse.REMAINDER, help="-- then the linearize CLI arguments")
+    args = parser.parse_args()
+    if args.time_ops:
+        time_ops(args.seq_len, args.repeats, args.variants)
+        return
+    use(args.ops)
+    from linearize.cli import main as cli_main
+
+    sys.argv = ["linearize", *[a for a in args.cli if a != "--"]]
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
