@@ -41,6 +41,7 @@ def test_bench_cli_writes_json_and_png(folders, tmp_path, capsys, monkeypatch):
     assert {"command", "hardware", "versions", "settings", "results", "teacher_limit", "memory_kind",
             "allocator"} <= set(report)
     assert report["allocator"].startswith("system")
+    assert all(len(report["load_average"][when]) == 3 for when in ("start", "end"))
     assert report["versions"]["torch"] and report["hardware"]["cpu_count"] >= 1
     assert report["command"].startswith("linearize bench ")
     assert cli.build_parser().parse_args(report["command"].split()[1:]).max_batch == 2  # the command reruns

@@ -128,6 +128,7 @@ def run_bench(
     from linearize.sources import model_max_length
 
     device = torch.device(cfg.device)
+    load_start = _load_average()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     if cfg.retain_freed_memory and device.type == "cpu":
@@ -168,9 +169,18 @@ def run_bench(
         "memory_kind": PeakMemory.kind(device) + (
             "; freed memory handed back to the OS (malloc_trim) before each measurement" if device.type == "cpu" else ""),
         "allocator": allocator_mode(cfg),
+        "load_average": {"start": load_start, "end": _load_average()},  # 1/5/15-minute: was the machine shared?
         **environment(device),
         "results": results,
     }
+
+
+def _load_average() -> list[float] | None:
+    """The system's 1/5/15-minute load averages, or None where the OS has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def grid_size(cfg: BenchConfig) -> int:
