@@ -74,8 +74,10 @@ def _compare(light, dtype, variant, op, ref_op, inputs, fp32_names=(), transform
 
 def _gla_inputs(B=2, T=45, H=4, Hkv=2, K=8, V=6, gate="gla", n_states=None):
     g = F.logsigmoid(torch.randn(B, T, Hkv, K)) / 4
-    if gate == "strong":
+    if gate == "strong":  # down to -20 per step
         g = -20 * torch.rand(B, T, Hkv, K)
+    elif gate == "spiky":  # huge forgetting steps between tiny ones: fp32 cancellation in the sums
+        g[:, ::7] = -1e4
     return {"q": torch.randn(B, T, H, K), "k": torch.randn(B, T, Hkv, K), "v": torch.randn(B, T, Hkv, V), "g": g,
                 "initial_state": torch.randn(n_states or B, Hkv, K, V)}
 
@@ -99,7 +101,7 @@ def test_gla_gradients(light, dtype, variant, monkeypatch):
     _compare(light, dtype, variant, *_gla(chunk_size=8), _gla_inputs(), fp32_names={"g", "initial_state"})
 
 
-@pytest.mark.parametrize("gate", ["gla", "strong"])
+@pytest.mark.parametrize("gate", ["gla", "strong", "spiky"])
 def test_gla_default_chunks_no_final_state(light, gate):
     """Default chunk and sub-chunk sizes, T over one chunk but ragged, strong gates, MHA, no final state."""
     x = _gla_inputs(B=1, T=150, H=2, Hkv=2, K=16, V=5, gate=gate)
