@@ -112,6 +112,23 @@ def test_resume_refuses_a_changed_recipe_naming_the_keys(tmp_path, change, keys)
         plan_resume(ckpts, stages.to_dict(), resume=True)
 
 
+def test_resume_reads_an_older_recipe_with_this_versions_defaults(tmp_path):
+    """A run started before a setting existed (here conversion.linear, added later) resumes: the
+    missing key takes its default, so it is not a change. A checkpoint recipe that no longer parses
+    is refused with the reason."""
+    old = _recipe().to_dict()
+    del old["conversion"]["linear"]
+    state = _state(_recipe(), {"attention_transfer": 4, "lora": 2}, {"attention_transfer": True, "lora": False})
+    state.recipe = old
+    ckpts = _write(tmp_path / "run", 6, state)
+    plan = plan_resume(ckpts, _recipe().to_dict(), resume=True)
+    assert plan.checkpoint is not None and plan.changed == []
+    state.recipe = {**old, "conversion": {**old["conversion"], "retired_setting": 3}}
+    ckpts = _write(tmp_path / "run2", 6, state)
+    with pytest.raises(ResumeError, match="retired_setting.*another version of linearize"):
+        plan_resume(ckpts, _recipe().to_dict(), resume=True)
+
+
 def test_resume_allows_logging_changes_and_extends_the_last_stage(tmp_path):
     state = _state(_recipe(), {"attention_transfer": 4, "lora": 4}, {"attention_transfer": True, "lora": True})
     ckpts = _write(tmp_path / "run", 8, state)

@@ -253,6 +253,19 @@ def stage_total(steps_per_epoch: int, epochs: float, max_steps: int | None) -> i
     return total if max_steps is None else min(total, max_steps)
 
 
+def _with_current_defaults(saved: dict[str, Any], checkpoints: Checkpoints) -> dict[str, Any]:
+    """The checkpoint's recipe as this version of linearize reads it: a setting added since the run
+    started takes its default, as it would in the run's own recipe.yaml (so an upgrade between a
+    crash and its resume does not read as a changed recipe)."""
+    from ..recipe import RecipeError, recipe_from_dict
+
+    try:
+        return recipe_from_dict(saved, origin=f"the recipe of {checkpoints.root.parent}'s checkpoint").to_dict()
+    except RecipeError as err:
+        raise ResumeError(f"cannot resume: {err}; it was written by another version of linearize: use another "
+                          "output_dir for a new run") from None
+
+
 def plan_resume(checkpoints: Checkpoints, recipe: dict[str, Any], resume: bool) -> ResumePlan:
     """Decide how a run starts, from its checkpoints and the (new) recipe; loads and writes nothing.
 
@@ -272,7 +285,7 @@ def plan_resume(checkpoints: Checkpoints, recipe: dict[str, Any], resume: bool) 
     if list(state.stages) != list(recipe["stages"]):
         raise ResumeError(f"cannot resume {checkpoints.root.parent}: the recipe's stages changed "
                           f"({list(state.stages)} -> {recipe['stages']}); use another output_dir for a new run")
-    changed = recipe_changes(state.recipe, recipe)
+    changed = recipe_changes(_with_current_defaults(state.recipe, checkpoints), recipe)
     blocked = [k for k in changed if not _resumable(k, list(state.stages))]
     if blocked:
         shown = ", ".join(f"{k} ({_get(state.recipe, k)!r} -> {_get(recipe, k)!r})" for k in blocked[:6])
