@@ -82,10 +82,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                      "data and tokens", [*TEACHER_ONLY, "stages=[lora]"]),
     # ... and without the linear branch: window + sink tokens only (StreamingLLM), otherwise the
     # lizard-split-sink-tokens row (the default's conversion): does the linear branch earn its keep?
+    # Nothing of it is left for attention transfer to train, so the whole budget is LoRA.
     "window-sinks-only": ("control: lizard-split-sink-tokens without the linear branch (softmax over the "
-                          "window and the 4 sink tokens only)",
-                          [*LIZARD, *ATTENTION_TRANSFER, *SPLIT, "conversion.sink_tokens=4", "conversion.num_sinks=0",
-                           "conversion.linear=none"]),
+                          "window and the 4 sink tokens only), every step LoRA",
+                          [*LIZARD, *SPLIT, "conversion.sink_tokens=4", "conversion.num_sinks=0",
+                           "conversion.linear=none", "stages=[lora]"]),
 }
 # Variants whose kept layers come from another variant's per-layer transfer error: name -> (source, count).
 KEEP_BY_ERROR = {"lizard-keep-1in6-worst": ("lizard", 5)}

@@ -64,3 +64,18 @@ def test_window_only_needs_the_window_and_is_a_recipe_key():
         ConversionConfig(linear="none", use_window=False, normalizer="separate")
     recipe = load_recipe("recipes/smollm2-135m-cpu.yaml", ["conversion.linear=none"])
     assert recipe.conversion.linear == "none" and recipe.conversion.sink_tokens == 4
+
+
+def test_attention_transfer_with_nothing_to_train_says_so(tmp_path):
+    """linear='none' with sink tokens (no learned sinks) leaves attention transfer nothing that changes
+    an output: a clear error that names the fix, not autograd's "does not require grad"."""
+    from tiny_models import tiny_recipe, tiny_teacher
+    from tiny_tokenizer import byte_tokenizer
+
+    from linearize.train import finetune
+
+    recipe = tiny_recipe(tmp_path, "run", "conversion.linear=none", "conversion.num_sinks=0",
+                         "conversion.normalizer=shared", "conversion.linear_span=beyond_window",
+                         "conversion.sink_tokens=2")
+    with pytest.raises(ValueError, match=r"attention transfer has nothing to train.*stages=\[lora\]"):
+        finetune(recipe, model=tiny_teacher(), tokenizer=byte_tokenizer())

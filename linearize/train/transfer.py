@@ -141,6 +141,12 @@ class AttentionTransfer:
         with self.autocast():
             mse, _ = transfer_errors(self.model, ids)
         loss = mse.mean(dim=1).sum()  # sum over layers of each layer's MSE
+        if not loss.requires_grad:
+            raise ValueError(
+                "attention transfer has nothing to train: no conversion parameter changes the converted layers' "
+                "outputs (e.g. conversion.linear=none without learned sinks, or conversion.mixer=softmax); "
+                "drop the stage: stages=[lora]"
+            )
         (loss / self.tc.grad_accum).backward()
         return {"loss": loss}
 
