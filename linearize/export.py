@@ -23,6 +23,7 @@ RUNTIME_MODULES = {
     "kernels": "linearize_kernels",
     "kernels.validate": "linearize_kernels_validate",
     "kernels.chunked": "linearize_kernels_chunked",
+    "kernels.chunked_backward": "linearize_kernels_chunked_backward",
     "kernels.reference": "linearize_kernels_reference",
     "kernels.delta": "linearize_kernels_delta",
     "kernels.delta_chunked": "linearize_kernels_delta_chunked",

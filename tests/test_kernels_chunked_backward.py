@@ -198,3 +198,29 @@ def test_light_ops_save_only_their_inputs(light):
 
     before, after = saved_bytes("autograd"), saved_bytes("recompute")
     assert after < before / 4, (before, after)
+
+
+
+def _graph_nodes(*outputs):
+    names, stack = set(), [o.grad_fn for o in outputs]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(f for f, _ in node.next_functions)
+    return names
+
+
+def test_training_takes_the_light_backward_by_default():
+    """chunked.py routes a differentiated call through chunked_backward (LIGHT_BACKWARD on) and a call
+    without grad through its plain forward: the same outputs."""
+    assert chunked.LIGHT_BACKWARD is True
+    x = {n: t.requires_grad_() for n, t in _gla_inputs(T=40).items()}
+    o, _ = chunked.gated_linear_attention(x["q"], x["k"], x["v"], x["g"], initial_state=x["initial_state"])
+    o_swa, _ = chunked.sliding_window_attention(x["q"], x["k"], x["k"], window=8, block_size=8)
+    names = _graph_nodes(o, o_swa)
+    assert "_GLASegmentBackward" in names and "_SWASegmentBackward" in names, names
+    with torch.no_grad():
+        o2, _ = chunked.gated_linear_attention(x["q"], x["k"], x["v"], x["g"], initial_state=x["initial_state"])
+        o_swa2, _ = chunked.sliding_window_attention(x["q"], x["k"], x["k"], window=8, block_size=8)
+    assert torch.equal(o.detach(), o2) and torch.equal(o_swa.detach(), o_swa2)

@@ -43,6 +43,12 @@ SEGMENT_TOKENS = 512
 keys, carried across), so the intermediates stay cache-sized: exact, and on 2 CPU cores (SmolLM2
 shapes, H=9, Hkv=3, D=64, fp32) GLA at T=16K took 265 ms instead of 575 ms and the window op 107 ms
 instead of 219 ms (``benchmarks/results/README.md``)."""
+LIGHT_BACKWARD = True
+"""When a backward will follow (grad enabled, an input requires grad), the GLA and window segments run
+as ``chunked_backward``'s autograd Functions: the same forward, only the inputs saved, gradients
+recomputed per segment by a hand-written backward (SmolLM2 default recipe at T = 2048: peak RSS of a
+LoRA step 11.5 -> 7.1-7.4 GB, ``benchmarks/results/memory_cpu.md``). False: autograd over the
+forward, keeping every intermediate."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,6 +88,11 @@ def gated_linear_attention(
     return o.to(q.dtype), (final if output_final_state else None)
 
 
+def _light_backward(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will differentiate an op on ``tensors`` and the memory-light backward is on."""
+    return LIGHT_BACKWARD and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _packed_index(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """For each packed token: its sequence index and its position inside that sequence."""
     offsets = cu_seqlens.to(device="cpu", dtype=torch.long)
@@ -117,10 +128,13 @@ def _gla_batched(q, k, v, g, scale, initial_state, chunk_size):
         o, state = _gla_recurrent(qf, kf, vf, gf, state)
     else:
         segment = max(chunk_size, SEGMENT_TOKENS // chunk_size * chunk_size)
+        run = _gla_chunked
+        if _light_backward(qf, kf, vf, gf, state):  # inputs saved only, recomputed in the backward
+            from .chunked_backward import gla_chunked as run
         outs = []
         for a in range(0, T, segment):  # the state carries over: the same sums, in cache-sized pieces
-            o, state = _gla_chunked(qf[:, a : a + segment], kf[:, a : a + segment], vf[:, a : a + segment],
-                                    gf[:, a : a + segment], state, chunk_size)
+            o, state = run(qf[:, a : a + segment], kf[:, a : a + segment], vf[:, a : a + segment],
+                           gf[:, a : a + segment], state, chunk_size)
             outs.append(o)
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return o.reshape(B, T, H, V), state
@@ -224,15 +238,18 @@ def sliding_window_attention(
     if 0 < Tq <= RECURRENT_MAX_T:  # decode steps
         return _swa_few(q, k, v, window, scale, key_mask, sinks)
     segment = max(SEGMENT_TOKENS, block_size, window)
+    run = _swa_blocks
+    if _light_backward(q, k, v, sinks):  # inputs saved only, recomputed in the backward
+        from .chunked_backward import swa_blocks as run
     if Tq <= segment:
-        return _swa_blocks(q, k, v, window, scale, key_mask, sinks, block_size)
+        return run(q, k, v, window, scale, key_mask, sinks, block_size)
     outs, lses = [], []
     for a in range(0, Tq, segment):  # each segment of queries with the keys its windows reach
         b = min(Tq, a + segment)
         end = Tk - Tq + b
         start = max(0, end - (b - a) - (window - 1))
         mask = None if key_mask is None else key_mask[:, start:end]
-        o, lse = _swa_blocks(q[:, a:b], k[:, start:end], v[:, start:end], window, scale, mask, sinks, block_size)
+        o, lse = run(q[:, a:b], k[:, start:end], v[:, start:end], window, scale, mask, sinks, block_size)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
