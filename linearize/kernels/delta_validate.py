@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .validate import _shape
+from .validate import _shape, check_packed_state
 
 
 def check_delta_inputs(q, k, v, beta, g, initial_state=None, cu_seqlens=None) -> None:
@@ -36,19 +36,9 @@ def check_delta_inputs(q, k, v, beta, g, initial_state=None, cu_seqlens=None) ->
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
     if not (q.device == k.device == v.device == beta.device == g.device):
         raise ValueError("q, k, v, beta, g must be on the same device")
-    n_seq = B
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"with cu_seqlens the batch must be 1 (packed sequences), got B={B}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[-1]) != T or int(cu_seqlens[0]) != 0:
-            raise ValueError(f"cu_seqlens must be [N + 1] offsets from 0 to T={T}, got {cu_seqlens.tolist()}")
-        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
-        n_seq = cu_seqlens.numel() - 1
-    if initial_state is not None:
-        want = (n_seq, Hkv, K, v.shape[3])
-        if tuple(initial_state.shape) != want:
-            raise ValueError(f"initial_state must be [N, Hkv, K, V] = {list(want)}, got {list(initial_state.shape)}")
+    check_packed_state(B, T, (Hkv, K, v.shape[3]), initial_state, cu_seqlens)
+    if cu_seqlens is not None and bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
 
 
 def check_chunk_size(chunk_size) -> None:

@@ -32,6 +32,13 @@ def check_gla_inputs(q, k, v, g, initial_state=None, cu_seqlens=None) -> None:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
     if not (q.device == k.device == v.device == g.device):
         raise ValueError("q, k, v, g must be on the same device")
+    check_packed_state(B, T, (Hkv, K, v.shape[3]), initial_state, cu_seqlens)
+
+
+def check_packed_state(B: int, T: int, state_dims: tuple[int, int, int], initial_state=None,
+                       cu_seqlens=None) -> int:
+    """The checks a recurrent op shares: ``cu_seqlens`` [N + 1] offsets of packed sequences (B == 1)
+    and ``initial_state`` [N, Hkv, K, V] for ``state_dims`` (Hkv, K, V). Returns N."""
     n_seq = B
     if cu_seqlens is not None:
         if B != 1:
@@ -40,9 +47,10 @@ def check_gla_inputs(q, k, v, g, initial_state=None, cu_seqlens=None) -> None:
             raise ValueError(f"cu_seqlens must be [N + 1] offsets from 0 to T={T}, got {cu_seqlens.tolist()}")
         n_seq = cu_seqlens.numel() - 1
     if initial_state is not None:
-        want = (n_seq, Hkv, K, v.shape[3])
+        want = (n_seq, *state_dims)
         if tuple(initial_state.shape) != want:
             raise ValueError(f"initial_state must be [N, Hkv, K, V] = {list(want)}, got {list(initial_state.shape)}")
+    return n_seq
 
 
 def check_swa_inputs(q, k, v, window, key_mask=None, sinks=None) -> None:
