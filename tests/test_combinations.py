@@ -5,7 +5,6 @@ linear branches (additive GLA and the delta rule, issue 18)."""
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
 
 import pytest
@@ -15,6 +14,7 @@ from transformers import LlamaModel
 import linearize
 from linearize import ConversionConfig
 from linearize import kernels
+from linearize.cache import cache_kwarg
 from linearize.config import FEATURE_MAPS, GATES, LINEARS, MIXES
 from linearize.kernels import chunked
 from tiny_models import VOCAB, tiny_model
@@ -46,7 +46,7 @@ def _grid():
 
 GRID = _grid()
 # transformers renamed `past_key_values` to `cache` (5.2x); the GPU machine has 5.17.
-CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+CACHE_KW = cache_kwarg(LlamaModel)
 TEACHER = tiny_model("llama")
 
 

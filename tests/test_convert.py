@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -15,11 +14,11 @@ from transformers import AutoModelForCausalLM, LlamaModel
 
 import linearize
 from linearize import ConversionConfig, UnsupportedArchitectureError
-from linearize.cache import HybridCacheLayer, cache_nbytes
+from linearize.cache import HybridCacheLayer, cache_kwarg, cache_nbytes, output_cache
 from tiny_models import ARCHS, VOCAB, tiny_model
 
 # transformers renamed `past_key_values` to `cache` (5.2x); the GPU machine has 5.17.
-CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+CACHE_KW = cache_kwarg(LlamaModel)
 EXACT = dict(atol=1e-5, rtol=1e-5)
 
 VARIANTS = {
@@ -39,8 +38,7 @@ VARIANTS = {
 BEYOND_WINDOW = dict(mixer="lizard", normalizer="shared", linear_span="beyond_window", num_sinks=0)
 
 
-def _cache_of(output):
-    return getattr(output, "cache", None) or output.past_key_values
+_cache_of = output_cache
 
 
 def _converted(arch="llama", config=None, seed=0):
