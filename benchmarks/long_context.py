@@ -18,11 +18,19 @@ converted folder, a finetune's ``model/``)::
 
     python -m benchmarks.long_context --model teacher=smollm2-135m --model student=runs/x/model \\
         --lengths 2048,4096,8192,16384,32768 --out docs/recovery/long-context
+
+``--rope-scaling dynamic:4`` (any of transformers' ``rope_type``s with a factor: ``dynamic``,
+``yarn``, ``linear``) gives the softmax attention layers (``--rope-layers kept``: the layers the
+conversion left as the teacher's attention, every layer of a teacher; ``all``: the converted layers'
+window branch too) position embeddings from a scaled rotary embedding, the rest of the model
+unchanged: the study of whether the kept layers' positions are what breaks beyond the teacher's
+trained length.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import random
@@ -49,6 +57,43 @@ MULTI_FILLER = (" A visitor walked past the lockers and checked the time.", " So
                 " The lights flickered once and came back.", " Two students argued about the schedule.")
 MULTI_NEEDLE = " Note: the code of the {color} locker is {key}."
 MULTI_QUESTION = " Question: what is the code of the {color} locker? Answer: the code of the {color} locker is"
+
+
+def scale_rope(model, spec: str, layers: str = "kept") -> int:
+    """Give ``layers`` (``kept``: attention modules that are not linearize mixers; ``all``) RoPE from
+    a rotary embedding with ``rope_type:factor`` (``spec``, e.g. ``dynamic:4``) over the model's own
+    RoPE parameters, at the positions the decoder layer passes (``position_ids``). Returns how many
+    attention modules now use it."""
+    import copy
+
+    from linearize.mixers.hybrid import HybridAttention
+
+    rope_type, _, factor = spec.partition(":")
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    rotary = getattr(base, "rotary_emb", None)
+    params = getattr(model.config, "rope_parameters", None)
+    if rotary is None or not isinstance(params, dict) or "rope_type" not in params:
+        raise ValueError(f"--rope-scaling needs one model-level rotary embedding ({type(model).__name__} has none, "
+                         "or per-layer-type RoPE parameters)")
+    config = copy.deepcopy(model.config)
+    config.rope_parameters = {**params, "rope_type": rope_type, "factor": float(factor),
+                              "original_max_position_embeddings": config.max_position_embeddings}
+    scaled = type(rotary)(config=config)
+
+    def use_scaled(module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, T, d]
+        positions = kwargs.get("position_ids")  # [B, T]; None: a forward pass from position 0
+        if positions is None:
+            positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        kwargs["position_embeddings"] = scaled(hidden, positions)
+        return args, kwargs
+
+    hooked = 0
+    for name, module in model.named_modules():
+        if name.endswith("self_attn") and (layers == "all" or not isinstance(module, HybridAttention)):
+            module.register_forward_pre_hook(use_scaled, with_kwargs=True)
+            hooked += 1
+    return hooked
 
 
 def _tokens(tokenizer, text: str) -> list[int]:
@@ -131,7 +176,7 @@ def buckets(length: int) -> list[tuple[int, int]]:
         edges.append(e)
         e *= 2
     edges.append(length)
-    return list(zip(edges[:-1], edges[1:]))
+    return list(itertools.pairwise(edges))
 
 
 def bucket_perplexity(nll: torch.Tensor) -> dict[str, float]:
@@ -192,6 +237,20 @@ def _model_arg(text: str) -> tuple[str, str]:
     return name, source
 
 
+def _rope_spec(text: str) -> str:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_type, _, factor = text.partition(":")
+    try:
+        ok = rope_type in ROPE_INIT_FUNCTIONS and float(factor) >= 1.0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r}: give TYPE:FACTOR with TYPE one of {', '.join(ROPE_INIT_FUNCTIONS)} "
+                                         "and FACTOR >= 1, e.g. dynamic:4")
+    return text
+
+
 def _ints(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -220,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", type=_floats, default=list(DEPTHS), help="passkey depths (documents per length)")
     p.add_argument("--needles", type=int, default=NEEDLES, help=f"keys per multi-needle document (default {NEEDLES})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rope-scaling", type=_rope_spec, default=None, metavar="TYPE:FACTOR",
+                   help="scaled RoPE for the softmax layers, e.g. dynamic:4 or yarn:4 (default: the model's own)")
+    p.add_argument("--rope-layers", choices=("kept", "all"), default="kept",
+                   help="kept: the layers left as softmax attention (every layer of a teacher); all: the "
+                        "converted layers' window branch too (default kept)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", required=True, help="folder for long_context.json and long_context.md")
     args = p.parse_args(argv)
@@ -233,12 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"settings": {"lengths": args.lengths, "depths": args.depths, "needles": args.needles,
-                            "seed": args.seed, "threads": torch.get_num_threads()},
+                            "seed": args.seed, "threads": torch.get_num_threads(),
+                            "rope_scaling": args.rope_scaling, "rope_layers": args.rope_layers},
                "command": "python -m benchmarks.long_context " + " ".join(sys.argv[1:] if argv is None else argv),
                "models": {}}
     for name, source in args.model:
         model, tokenizer = load_teacher(source)
         logger.info("%s (%s)", name, source)
+        if args.rope_scaling:
+            logger.info("%s: %d attention layers use %s RoPE", name,
+                        scale_rope(model, args.rope_scaling, args.rope_layers), args.rope_scaling)
         results["models"][name] = {"source": source,
                                    **evaluate_model(model, tokenizer, args.lengths, args.depths, args.needles, args.seed)}
         del model

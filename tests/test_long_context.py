@@ -79,3 +79,42 @@ def test_study_runs_teacher_and_student_and_writes_table(tmp_path, tok):
         lc.main(["--model", "nosource", "--out", str(out)])
     with pytest.raises(SystemExit):
         lc.main(["--model", f"t={teacher_dir}", "--depths", "2", "--out", str(out)])
+
+
+def test_scaled_rope_on_the_softmax_layers_equals_a_model_built_with_it(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    teacher = tiny_teacher(max_positions=64)
+    ids = torch.randint(0, 256, (1, 150))
+    plain = teacher(ids).logits
+    config = teacher.config.to_dict()
+    config["rope_parameters"] = {**teacher.config.rope_parameters, "rope_type": "linear", "factor": 2.0}
+    built = LlamaForCausalLM(type(teacher.config).from_dict(config)).eval()
+    built.load_state_dict(teacher.state_dict())
+    assert lc.scale_rope(teacher, "linear:2") == 2  # every layer of a teacher is a softmax layer
+    torch.testing.assert_close(teacher(ids).logits, built(ids).logits)
+    assert not torch.allclose(teacher(ids).logits, plain, atol=1e-3)
+    dynamic = tiny_teacher(max_positions=64)
+    assert lc.scale_rope(dynamic, "dynamic:4") == 2
+    torch.testing.assert_close(dynamic(ids[:, :64]).logits, plain[:, :64])  # within the trained length: unchanged
+    prompt = ids[:, :40]  # with a cache, token by token: the positions the decoder layers pass
+    assert torch.equal(teacher.generate(prompt, max_new_tokens=30, do_sample=False),
+                       built.generate(prompt, max_new_tokens=30, do_sample=False))
+
+
+def test_scaled_rope_hooks_only_the_kept_layers_of_a_student(tmp_path, tok):
+    student = linearize.convert(tiny_teacher(max_positions=64),
+                                linearize.ConversionConfig(window=16, keep_softmax_layers=[1]))
+    ids = torch.randint(0, 256, (1, 120))
+    before = student(ids).logits
+    assert lc.scale_rope(student, "linear:2", "kept") == 1
+    after = student(ids).logits
+    assert not torch.allclose(after, before, atol=1e-4)
+    converted_only = linearize.convert(tiny_teacher(max_positions=64),
+                                       linearize.ConversionConfig(window=16, keep_softmax_layers=[]))
+    assert lc.scale_rope(converted_only, "linear:2", "kept") == 0
+    assert lc.scale_rope(converted_only, "linear:2", "all") == 2
+    with pytest.raises(SystemExit):
+        lc.main(["--model", "t=x", "--rope-scaling", "dynamic", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        lc.main(["--model", "t=x", "--rope-scaling", "nope:2", "--out", str(tmp_path)])
