@@ -5,6 +5,10 @@ model classes) are copied flat into the checkpoint folder with their package-rel
 rewritten to the flat names, plus two small entry files that ``config.json``'s ``auto_map`` points at. A Python with only torch
 and transformers then loads the checkpoint; where ``linearize`` is installed too, the Triton
 kernels are picked up from it.
+
+The sources are read once, when this module loads (``linearize.convert`` imports it: the start of
+a convert or a finetune), not when a checkpoint is saved: a finetune that saves hours later writes
+the code its process runs, even if linearize was upgraded or the checkout edited meanwhile.
 """
 
 from __future__ import annotations
@@ -57,8 +61,16 @@ def _source_path(module: str) -> Path:
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
-def _rewrite_imports(module: str, text: str) -> str:
-    is_package = _source_path(module).name == "__init__.py"
+def _read_sources() -> dict[str, tuple[bool, str]]:
+    """Runtime module -> (is a package, its source text), read from the installed files."""
+    return {module: (_source_path(module).name == "__init__.py", _source_path(module).read_text())
+            for module in RUNTIME_MODULES}
+
+
+_SOURCES = _read_sources()
+
+
+def _rewrite_imports(module: str, text: str, is_package: bool) -> str:
     package = module.split(".") if is_package else module.split(".")[:-1]
 
     def resolve(dots: str, rest: str) -> str:
@@ -93,7 +105,8 @@ def write_remote_code(folder: str | Path, base_type: str) -> list[str]:
     folder = Path(folder)
     written = []
     for module, name in RUNTIME_MODULES.items():
-        text = _rewrite_imports(module, _source_path(module).read_text())
+        is_package, source = _SOURCES[module]
+        text = _rewrite_imports(module, source, is_package)
         (folder / f"{name}.py").write_text(text)
         written.append(f"{name}.py")
     (folder / f"{CONFIG_ENTRY}.py").write_text(

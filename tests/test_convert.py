@@ -299,6 +299,21 @@ def test_reload_in_fresh_process_without_package(tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=0, rtol=0)
 
 
+def test_saved_code_is_what_the_process_loaded_not_what_is_on_disk_now(tmp_path, monkeypatch):
+    """A finetune saves hours after it started: an upgrade or an edited checkout meanwhile must not
+    change (or break) the code written beside its weights."""
+    from linearize import export
+
+    model = _converted("llama")
+    before = linearize.save_converted(model, tmp_path / "before")
+    monkeypatch.setattr(export, "PACKAGE_ROOT", tmp_path / "moved")  # the installed files are gone / elsewhere
+    after = linearize.save_converted(model, tmp_path / "after")
+    code = sorted(p.name for p in before.glob("*.py"))
+    assert len(code) == len(export.RUNTIME_MODULES) + 2
+    assert sorted(p.name for p in after.glob("*.py")) == code
+    assert all((before / n).read_text() == (after / n).read_text() for n in code)
+
+
 def test_save_is_atomic_and_replaces_existing(tmp_path):
     model = _converted("llama")
     out = tmp_path / "ckpt"
