@@ -185,31 +185,39 @@ def bucket_perplexity(nll: torch.Tensor) -> dict[str, float]:
     return {f"{a}-{b}": math.exp(float(nll[a:b].mean())) for a, b in buckets(nll.shape[0] + 1)}
 
 
-def evaluate_model(model, tokenizer, lengths, depths, needles: int, seed: int) -> dict:
+TASKS = ("passkey", "multi_needle", "perplexity")
+
+
+def evaluate_model(model, tokenizer, lengths, depths, needles: int, seed: int, tasks=TASKS) -> dict:
+    """The ``tasks`` of one model at every length (perplexity: one document of the longest length)."""
     from linearize.evals.data import passkey_doc
 
     rng = random.Random(seed)
     out: dict = {"passkey": {}, "multi_needle": {}, "seconds": {}}
     for length in lengths:
         start = time.perf_counter()
-        hits = []
-        for depth in depths:
-            doc = passkey_doc(tokenizer, length, depth, rng.randint(10000, 99999))
-            hits.append(greedy_hit(model, _tokens(tokenizer, doc["context"]), _tokens(tokenizer, doc["target"])))
-        out["passkey"][str(length)] = sum(hits) / len(hits)
-        hits = []
-        for i in range(len(depths)):
-            keys = [rng.randint(10000, 99999) for _ in range(needles)]
-            prompt, answer = multi_needle_doc(tokenizer, length, keys, i % needles, seed + length + i)
-            hits.append(greedy_hit(model, prompt, answer))
-        out["multi_needle"][str(length)] = sum(hits) / len(hits)
+        keys = {depth: rng.randint(10000, 99999) for depth in depths}  # drawn whether or not the task runs
+        multi = [[rng.randint(10000, 99999) for _ in range(needles)] for _ in depths]
+        if "passkey" in tasks:
+            hits = []
+            for depth in depths:
+                doc = passkey_doc(tokenizer, length, depth, keys[depth])
+                hits.append(greedy_hit(model, _tokens(tokenizer, doc["context"]), _tokens(tokenizer, doc["target"])))
+            out["passkey"][str(length)] = sum(hits) / len(hits)
+        if "multi_needle" in tasks:
+            hits = []
+            for i, needle_keys in enumerate(multi):
+                prompt, answer = multi_needle_doc(tokenizer, length, needle_keys, i % needles, seed + length + i)
+                hits.append(greedy_hit(model, prompt, answer))
+            out["multi_needle"][str(length)] = sum(hits) / len(hits)
         out["seconds"][str(length)] = round(time.perf_counter() - start, 1)
-        logger.info("length %d: passkey %.2f, multi-needle %.2f (%.0f s)", length, out["passkey"][str(length)],
-                    out["multi_needle"][str(length)], out["seconds"][str(length)])
-    start = time.perf_counter()
-    out["perplexity_by_position"] = bucket_perplexity(next_token_nll(model, long_document(tokenizer, max(lengths))))
-    out["seconds"]["perplexity"] = round(time.perf_counter() - start, 1)
-    logger.info("perplexity by position: %s", out["perplexity_by_position"])
+        logger.info("length %d: passkey %s, multi-needle %s (%.0f s)", length, out["passkey"].get(str(length), "-"),
+                    out["multi_needle"].get(str(length), "-"), out["seconds"][str(length)])
+    if "perplexity" in tasks:
+        start = time.perf_counter()
+        out["perplexity_by_position"] = bucket_perplexity(next_token_nll(model, long_document(tokenizer, max(lengths))))
+        out["seconds"]["perplexity"] = round(time.perf_counter() - start, 1)
+        logger.info("perplexity by position: %s", out["perplexity_by_position"])
     return out
 
 
@@ -221,12 +229,15 @@ def render(results: dict) -> str:
     for name in models:
         r = results["models"][name]
         for task in ("passkey", "multi_needle"):
-            lines.append(f"| {name} | {task} | " + " | ".join(f"{r[task][str(n)]:.2f}" for n in lengths) + " |")
-    spans = list(results["models"][models[0]]["perplexity_by_position"])
-    lines += ["", "| model | " + " | ".join(spans) + " |", "|---|" + "---:|" * len(spans)]
-    for name in models:
-        ppl = results["models"][name]["perplexity_by_position"]
-        lines.append(f"| {name} | " + " | ".join(f"{ppl[s]:.2f}" for s in spans) + " |")
+            if r[task]:
+                lines.append(f"| {name} | {task} | " + " | ".join(f"{r[task][str(n)]:.2f}" for n in lengths) + " |")
+    with_ppl = [name for name in models if "perplexity_by_position" in results["models"][name]]
+    if with_ppl:
+        spans = list(results["models"][with_ppl[0]]["perplexity_by_position"])
+        lines += ["", "| model | " + " | ".join(spans) + " |", "|---|" + "---:|" * len(spans)]
+        for name in with_ppl:
+            ppl = results["models"][name]["perplexity_by_position"]
+            lines.append(f"| {name} | " + " | ".join(f"{ppl[s]:.2f}" for s in spans) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -235,6 +246,13 @@ def _model_arg(text: str) -> tuple[str, str]:
     if not sep or not name or not source:
         raise argparse.ArgumentTypeError(f"--model wants NAME=SOURCE, e.g. teacher=smollm2-135m; got {text!r}")
     return name, source
+
+
+def _task_list(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated tasks of: {', '.join(TASKS)}")
+    return tasks
 
 
 def _rope_spec(text: str) -> str:
@@ -279,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", type=_floats, default=list(DEPTHS), help="passkey depths (documents per length)")
     p.add_argument("--needles", type=int, default=NEEDLES, help=f"keys per multi-needle document (default {NEEDLES})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", type=_task_list, default=list(TASKS),
+                   help=f"comma-separated, of: {', '.join(TASKS)} (default all)")
     p.add_argument("--rope-scaling", type=_rope_spec, default=None, metavar="TYPE:FACTOR",
                    help="scaled RoPE for the softmax layers, e.g. dynamic:4 or yarn:4 (default: the model's own)")
     p.add_argument("--rope-layers", choices=("kept", "all"), default="kept",
@@ -297,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"settings": {"lengths": args.lengths, "depths": args.depths, "needles": args.needles,
-                            "seed": args.seed, "threads": torch.get_num_threads(),
+                            "seed": args.seed, "threads": torch.get_num_threads(), "tasks": args.tasks,
                             "rope_scaling": args.rope_scaling, "rope_layers": args.rope_layers},
                "command": "python -m benchmarks.long_context " + " ".join(sys.argv[1:] if argv is None else argv),
                "models": {}}
@@ -308,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("%s: %d attention layers use %s RoPE", name,
                         scale_rope(model, args.rope_scaling, args.rope_layers), args.rope_scaling)
         results["models"][name] = {"source": source,
-                                   **evaluate_model(model, tokenizer, args.lengths, args.depths, args.needles, args.seed)}
+                                   **evaluate_model(model, tokenizer, args.lengths, args.depths, args.needles, args.seed,
+                                                   args.tasks)}
         del model
         atomic_write_json(out / "long_context.json", results)
     atomic_write_text(out / "long_context.md", render(results))

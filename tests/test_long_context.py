@@ -118,3 +118,20 @@ def test_scaled_rope_hooks_only_the_kept_layers_of_a_student(tmp_path, tok):
         lc.main(["--model", "t=x", "--rope-scaling", "dynamic", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         lc.main(["--model", "t=x", "--rope-scaling", "nope:2", "--out", str(tmp_path)])
+
+
+def test_tasks_choose_what_runs_and_the_keys_do_not_depend_on_them(tmp_path, tok):
+    teacher_dir = tmp_path / "teacher"
+    tiny_teacher(max_positions=512).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    for tasks, out in (("passkey", "a"), ("passkey,multi_needle,perplexity", "b")):
+        assert lc.main(["--model", f"t={teacher_dir}", "--lengths", "400", "--depths", "0,1", "--needles", "2",
+                        "--tasks", tasks, "--out", str(tmp_path / out)]) == 0
+    only = json.loads((tmp_path / "a" / "long_context.json").read_text())["models"]["t"]
+    full = json.loads((tmp_path / "b" / "long_context.json").read_text())["models"]["t"]
+    assert only["passkey"] == full["passkey"] and only["multi_needle"] == {}
+    assert "perplexity_by_position" not in only and "perplexity_by_position" in full
+    table = (tmp_path / "a" / "long_context.md").read_text()
+    assert "| t | passkey |" in table and "multi_needle" not in table and "0-400" not in table
+    with pytest.raises(SystemExit):
+        lc.main(["--model", f"t={teacher_dir}", "--tasks", "passkey,nope", "--out", str(tmp_path / "c")])
