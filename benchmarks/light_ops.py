@@ -5,7 +5,12 @@
 
 ``--ops``: ``autograd`` (the chunked ops as they are: autograd keeps every intermediate),
 ``recompute`` (``kernels/chunked_backward.py``: inputs saved, hand-written backward) or
-``checkpoint`` (``torch.utils.checkpoint`` per segment). The switch is a monkeypatch of
+``checkpoint`` (``torch.utils.checkpoint`` per segment). ``--mixer``: ``recompute`` (the converted
+layers keep their input and the ops' outputs and recompute the rest in the backward,
+``mixers.hybrid.RECOMPUTE_IN_BACKWARD``, the default) or ``keep`` (autograd keeps the layers'
+intermediates). ``--mlp``: ``light`` (the LoRA step's gated MLPs keep gate and up only,
+``train.lora.LIGHT_MLP``, the default) or ``keep`` (glibc's heap trimming is the recipe's
+``train.malloc_trim_every``). The switch is a monkeypatch of
 ``chunked._gla_chunked`` / ``chunked._swa_blocks`` made here, not in library code. ``--time-ops``
 times forward + backward of both ops at the default recipe's shapes (SmolLM2-135M, hedgehog features,
 shared denominator: GLA q [1, T, 9, 128], k [1, T, 3, 128], v [1, T, 3, 65]; window 128, D 64).
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from linearize.kernels import chunked, chunked_backward
+from linearize.mixers import hybrid
 
 VARIANTS = {
     "autograd": (chunked._gla_chunked, chunked._swa_blocks),
@@ -36,6 +42,19 @@ def use(variant: str) -> None:
     if hasattr(chunked, "LIGHT_BACKWARD"):
         chunked.LIGHT_BACKWARD = False
     chunked._gla_chunked, chunked._swa_blocks = VARIANTS[variant]
+
+
+def use_mixer(mode: str) -> None:
+    """``recompute``: the converted layers recompute in the backward; ``keep``: autograd keeps their
+    intermediates."""
+    hybrid.RECOMPUTE_IN_BACKWARD = {"recompute": True, "keep": False}[mode]
+
+
+def use_mlp(mode: str) -> None:
+    """``light``: the LoRA step's gated MLPs recompute the activation in the backward; ``keep``: not."""
+    from linearize.train import lora
+
+    lora.LIGHT_MLP = {"light": True, "keep": False}[mode]
 
 
 def time_ops(T: int, repeats: int, variants: list[str]) -> None:
@@ -75,6 +94,8 @@ def time_ops(T: int, repeats: int, variants: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", choices=list(VARIANTS), default="recompute")
+    parser.add_argument("--mixer", choices=["recompute", "keep"], default="recompute")
+    parser.add_argument("--mlp", choices=["light", "keep"], default="light")
     parser.add_argument("--time-ops", action="store_true")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=7)
@@ -85,6 +106,8 @@ def main() -> None:
         time_ops(args.seq_len, args.repeats, args.variants)
         return
     use(args.ops)
+    use_mixer(args.mixer)
+    use_mlp(args.mlp)
     from linearize.cli import main as cli_main
 
     sys.argv = ["linearize", *[a for a in args.cli if a != "--"]]

@@ -32,7 +32,11 @@ backward of the GLA op takes 330 ms instead of 455 ms (window op 110 vs 113 ms; 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections import deque
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,56 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .chunked import _gla_chunked, _swa_blocks
+
+# ------------------------------------------------------------------------------------------------
+# Outputs kept for a recomputing caller
+# ------------------------------------------------------------------------------------------------
+
+
+class _Outputs(threading.local):
+    """Where the segments' outputs go (``record``) or come from (``replay``) in this thread."""
+
+    store: deque | None = None
+    replay: bool = False
+
+
+_OUTPUTS = _Outputs()
+
+
+@contextlib.contextmanager
+def reused_outputs(store: deque, replay: bool) -> Iterator[None]:
+    """Within the block every memory-light segment (GLA and window) appends its outputs to ``store``
+    (``replay`` False), or takes them from ``store`` in order instead of computing them (``replay``
+    True): a caller that recomputes its forward in the backward (``mixers.hybrid``'s mixer recompute,
+    through ``torch.utils.checkpoint``) keeps only these outputs and the inputs it recomputes from,
+    and the expensive forwards of the ops are not run twice. The segments' saved tensors, and so their
+    backward, are those of the recomputed inputs; the replayed outputs are the first run's, bit for
+    bit. A replayed segment whose inputs differ in shape from the recorded one raises."""
+    before = (_OUTPUTS.store, _OUTPUTS.replay)
+    _OUTPUTS.store, _OUTPUTS.replay = store, replay
+    try:
+        yield
+    finally:
+        _OUTPUTS.store, _OUTPUTS.replay = before
+
+
+def _forward(fn, *args):
+    """``fn(*args)`` (a tuple of tensors), recorded or replayed as ``reused_outputs`` says."""
+    store = _OUTPUTS.store
+    if store is None:
+        return fn(*args)
+    shapes = tuple(a.shape if isinstance(a, torch.Tensor) else a for a in args)
+    if _OUTPUTS.replay:
+        if not store:
+            raise RuntimeError(f"{fn.__name__}: more segments replayed than recorded")
+        recorded, outs = store.popleft()
+        if recorded != shapes:
+            raise RuntimeError(f"{fn.__name__}: replayed with inputs {shapes}, recorded with {recorded}")
+        return outs
+    outs = fn(*args)
+    store.append((shapes, tuple(o.detach() for o in outs)))
+    return outs
+
 
 # ------------------------------------------------------------------------------------------------
 # Gated linear attention
@@ -59,7 +113,7 @@ class _GLASegment(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qf, kf, vf, gf, state, chunk_size):
-        o, final = _gla_chunked(qf, kf, vf, gf, state, chunk_size)
+        o, final = _forward(_gla_chunked, qf, kf, vf, gf, state, chunk_size)
         ctx.chunk_size = chunk_size
         ctx.save_for_backward(qf, kf, vf, gf, state, final)
         return o, final
@@ -194,7 +248,7 @@ class _SWASegment(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, key_mask, window, scale, block_size):
-        o, lse = _swa_blocks(q, k, v, window, scale, key_mask, sinks, block_size)
+        o, lse = _forward(_swa_blocks, q, k, v, window, scale, key_mask, sinks, block_size)
         ctx.args = (window, scale, block_size)
         ctx.save_for_backward(q, k, v, sinks, key_mask, lse)
         return o, lse

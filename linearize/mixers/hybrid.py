@@ -9,9 +9,12 @@ are and LoRA targets carry over.
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..cache import HybridCacheLayer, LayerView, LinearInputs, hybrid_layer
 from ..config import ConversionConfig
@@ -24,6 +27,7 @@ from ..kernels import (
     sliding_window_attention,
 )
 from ..kernels.chunked import gla_step_, window_step
+from ..kernels.chunked_backward import reused_outputs
 from .parts import HedgehogFeatureMap, apply_rope, key_gate
 
 # Keyword the model's forward pre-hook uses to hand the 2D padding mask [B, past + T] down to the
@@ -37,6 +41,15 @@ DENOMINATOR_EPS = 1e-6
 MASKED_LOGIT = -1e30
 # Smallest total weight when two softmaxes are merged (both empty: a padding query).
 EMPTY_SOFTMAX_EPS = 1e-30
+RECOMPUTE_IN_BACKWARD = True
+"""When a backward will follow (grad enabled, no cache, the chunked backend), the layer keeps its
+input, q, k, v, o_proj's input and the GLA / window ops' outputs for the backward and recomputes
+everything between the projections there (feature maps, gates, RoPE, the cache's delay line, the
+sink-token softmax, the mix): ``torch.utils.checkpoint`` (non-reentrant, so the autograd graph and
+every gradient are the same) around that part, with the ops' segments handing back their first
+outputs instead of running again (``kernels.chunked_backward.reused_outputs``); no matmul runs
+twice. Subclasses with another linear op (``linear: delta``) keep autograd's saved tensors. False:
+autograd keeps every intermediate."""
 
 
 def merge_softmax(o_a, lse_a, o_b, lse_b):
@@ -130,7 +143,38 @@ class HybridAttention(nn.Module):
             layer = hybrid_layer(cache, self.layer_idx, self._new_cache_layer)
             if layer.state is not None:
                 return self.decode_step(hidden_states, position_embeddings, padding, layer), None
+        if cache is None and self._recomputes(hidden_states):
+            return self._recomputed_forward(hidden_states, position_embeddings, padding), None
         return self.hybrid_forward(hidden_states, position_embeddings, padding, cache), None
+
+    # --- training: recompute in the backward ----------------------------------------------------
+    def _recomputes(self, x: torch.Tensor) -> bool:
+        """Whether this (cache-less) call recomputes in the backward (``RECOMPUTE_IN_BACKWARD``)."""
+        return (
+            RECOMPUTE_IN_BACKWARD and torch.is_grad_enabled()
+            and type(self)._linear_branch is HybridAttention._linear_branch  # its ops' outputs replay
+            and resolve_backend(None, x) == "chunked"
+            and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        )
+
+    def _recomputed_forward(self, x, position_embeddings, padding_mask) -> torch.Tensor:
+        """``hybrid_forward`` without a cache, the part between the projections recomputed in the
+        backward except for the ops' forwards: the first run records the GLA / window segments'
+        outputs, the recomputation replays them. The q/k/v projections and o_proj (matmuls) stay
+        outside: autograd keeps q, k, v and o_proj's input, and the recomputation runs no matmul."""
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x)
+        store: deque = deque()
+        runs = []
+
+        def run(x, q, k, v, position_embeddings, padding_mask):
+            replay = bool(runs)
+            runs.append(replay)
+            with reused_outputs(store, replay=replay):
+                return self._attend(x, q, k, v, position_embeddings, padding_mask)
+
+        o = checkpoint(run, x, q, k, v, position_embeddings, padding_mask, use_reentrant=False)
+        return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
 
     # --- single-token decode --------------------------------------------------------------------
     def _decodes_in_place(self, x: torch.Tensor) -> bool:
@@ -187,9 +231,15 @@ class HybridAttention(nn.Module):
     def hybrid_forward(self, x, position_embeddings, padding_mask=None, cache=None) -> torch.Tensor:
         """Linear-branch inputs, one cache update, the window and linear branches, their combination,
         one store of the new state. Without a cache the layer runs on a fresh, throw-away one."""
-        cfg = self.cfg
         B, T, _ = x.shape
         q, k, v = self._qkv(x)
+        o = self._attend(x, q, k, v, position_embeddings, padding_mask, cache)
+        return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+
+    def _attend(self, x, q, k, v, position_embeddings, padding_mask=None, cache=None) -> torch.Tensor:
+        """Everything between the projections: o [B, T, H, D] before o_proj."""
+        cfg = self.cfg
+        B, T, _ = x.shape
         valid = self._new_key_valid(padding_mask, B, T, x.device)  # [B, T] bool
         fq, linear = self._linear_inputs(x, q, k, v, valid)
         q_r = k_r = None
@@ -213,7 +263,7 @@ class HybridAttention(nn.Module):
             else:
                 o = self._normalize(o_lin) if cfg.normalizer != "none" else o_lin
         layer.store_state(state)
-        return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+        return o
 
     def _new_cache_layer(self) -> HybridCacheLayer:
         cfg = self.cfg

@@ -179,7 +179,13 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this (null: no clipping)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass of the LoRA stage (less memory, ~30% slower)."""
+    """Recompute whole decoder layers in the backward pass of the LoRA stage (less memory, slower: the
+    SmolLM2 default recipe's step took 1.33x the CPU time; the converted layers already recompute their
+    cheap parts without it)."""
+    malloc_trim_every: int = 0
+    """Hand glibc's free heap pages back to the OS after every this many decoder layers of the LoRA
+    forward (0: never): lower peak RSS for a few % more time (SmolLM2 default recipe, 10: peak RSS
+    5.8 -> 4.6 GB, +4.5% CPU per step; benchmarks/results/memory_cpu.md). No effect off glibc."""
     seed: int = 0
     """Seed of initialisation, data order and dropout."""
     eval_every: int = 0
@@ -199,7 +205,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every"):
+        for name in ("eval_every", "save_every", "malloc_trim_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:

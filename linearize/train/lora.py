@@ -11,23 +11,34 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from safetensors.torch import save_file
+from torch import nn
 
 from ..convert import conversion_parameters
 from ..mixers import teacher_attention
 from ..outputs import atomic_folder, write_marker, written_by_linearize
 from ..recipe import LoraConfig, Recipe
-from .lm_loss import NO_LOGITS, capture_lm_head_input, chunked_lm_loss, lm_head_weight, shifted_labels
+from .lm_loss import (
+    NO_LOGITS,
+    capture_lm_head_input,
+    chunked_lm_loss,
+    lm_head_weight,
+    shifted_labels,
+)
 from .loop import Run, quiet_accelerate
+from .memory import light_mlps, trimmed_forward
 from .metrics import held_out_nll
 from .optim import optimizer_and_scheduler
 from .state import CONVERSION_PARAMS_FILE
 
+LIGHT_MLP = True
+"""The LoRA step's gated MLPs keep ``gate`` and ``up`` for the backward and recompute the activation
+there (``linearize.train.memory.light_mlps``: the same gradients, a third less of the MLPs' saved
+bytes). False: autograd keeps ``act(gate)`` too."""
 # Tokens of the probe sequence on which merged and unmerged logits are compared.
 MERGE_PROBE_TOKENS = 64
 ADAPTER_KIND = "finetune-adapter"
@@ -100,7 +111,9 @@ class Lora:
     def micro_step(self, ids: torch.Tensor, sync: bool) -> dict[str, torch.Tensor]:
         acc, cfg = self.acc, self.cfg
         weight = self._head_weight()
-        with contextlib.nullcontext() if sync else acc.no_sync(self.prepared):
+        light = light_mlps(self.peft_model) if LIGHT_MLP else contextlib.nullcontext()
+        trim = trimmed_forward(self.peft_model.get_base_model(), self.tc.malloc_trim_every)
+        with contextlib.nullcontext() if sync else acc.no_sync(self.prepared), light, trim:
             if weight is not None:
                 metrics = self._chunked_losses(ids, weight)
                 loss = metrics["ce"] + cfg.kl_weight * metrics["kl"] if "kl" in metrics else metrics["ce"]

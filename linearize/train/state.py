@@ -38,6 +38,7 @@ RUN_KIND = "finetune-run"
 RESUMABLE_KEYS = (
     "output_dir", "accelerate_config", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.save_every", "train.keep_checkpoints", "train.tensorboard", "train.gradient_checkpointing",
+    "train.malloc_trim_every",
 )
 STAGE_LENGTH_KEYS = ("max_steps", "epochs")
 
