@@ -11,12 +11,12 @@ loss. Weights, which autograd also references, are not counted. ``--ops``: one c
 the chunked GLA / window ops' backward (``benchmarks/light_ops.py``: autograd over the forward, or
 ``kernels/chunked_backward.py``'s recomputing Functions), each with the chunked loss. ``--mixer``:
 one column per converted-layer mode (``keep``: autograd keeps the layer's intermediates;
-``recompute``: ``mixers.hybrid.RECOMPUTE_IN_BACKWARD``, the layer keeps its input and the ops'
-outputs), each with the recomputing ops. A recomputed layer's saved tensors are not seen by the
-hooks (``torch.utils.checkpoint`` stands in for them); the row "live after the forward" counts
-everything the step holds at the start of the backward, whoever holds it: glibc's bytes in use
-(``mallinfo2``) after the forward and the loss minus before. Prints a Markdown table (recorded in
-benchmarks/results/memory_cpu.md).
+``recompute``: ``mixers.hybrid.RECOMPUTE_IN_BACKWARD``, the layer keeps its projections and the
+ops' outputs, with the LoRA step's light MLPs), each with the recomputing ops. A recomputed layer's
+saved tensors are not seen by the hooks (``torch.utils.checkpoint`` stands in for them); the row
+"live after the forward" counts everything the step holds at the start of the backward, whoever
+holds it: glibc's bytes in use (``mallinfo2``) after the forward and the loss minus before. Prints
+a Markdown table (recorded in benchmarks/results/memory_cpu.md).
 """
 
 from __future__ import annotations
@@ -65,12 +65,16 @@ def malloc_in_use() -> int | None:
 
 def saved_by_module(peft_model, ids: torch.Tensor, chunk: int) -> dict[str, int]:
     """Bytes autograd saves during the forward + loss of ``ids`` [1, T], by module (storages counted once)."""
+    import contextlib
+
+    from linearize.train import lora
     from linearize.train.lm_loss import (
         NO_LOGITS,
         capture_lm_head_input,
         chunked_lm_loss,
         shifted_labels,
     )
+    from linearize.train.memory import light_mlps
 
     base = peft_model.get_base_model()
     where = ["embedding/other"]
@@ -97,7 +101,8 @@ def saved_by_module(peft_model, ids: torch.Tensor, chunk: int) -> dict[str, int]
             totals[where[-1]] += t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    light = light_mlps(peft_model) if lora.LIGHT_MLP else contextlib.nullcontext()  # as the LoRA step
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), light:
         if chunk:
             with capture_lm_head_input(base) as box:
                 peft_model(input_ids=ids, use_cache=False, logits_to_keep=NO_LOGITS)
@@ -134,17 +139,21 @@ def main() -> None:
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
     if args.mixer:
-        from benchmarks.light_ops import use_mixer
+        from benchmarks.light_ops import use_mixer, use_mlp
 
         rows = {}
-        for mode in args.mixer:
+        for mode in args.mixer:  # keep: neither the layers' recompute nor the light MLPs
             use_mixer(mode)
-            rows[f"mixer: {mode}"] = saved_by_module(model, ids, recipe.lora.lm_loss_chunk)
+            use_mlp("keep" if mode == "keep" else "light")
+            rows[f"layers: {mode}" + (", light MLPs" if mode == "recompute" else "")] = saved_by_module(
+                model, ids, recipe.lora.lm_loss_chunk)
         use_mixer("recompute")
+        use_mlp("light")
     elif args.ops:
-        from benchmarks.light_ops import use, use_mixer
+        from benchmarks.light_ops import use, use_mixer, use_mlp
 
         use_mixer("keep")  # the ops' own saved tensors, seen by the hooks
+        use_mlp("keep")
         rows = {}
         for variant in args.ops:
             use(variant)

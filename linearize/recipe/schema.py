@@ -184,8 +184,9 @@ class TrainConfig:
     cheap parts without it)."""
     malloc_trim_every: int = 0
     """Hand glibc's free heap pages back to the OS after every this many decoder layers of the LoRA
-    forward (0: never): lower peak RSS for a few % more time (SmolLM2 default recipe, 10: peak RSS
-    5.8 -> 4.6 GB, +4.5% CPU per step; benchmarks/results/memory_cpu.md). No effect off glibc."""
+    forward (0: never): lower peak RSS for a few % more time (SmolLM2 default recipe's LoRA stage,
+    10: peak RSS 5.8 -> 4.7 GB, tokens/s -5 to -7%; benchmarks/results/memory_cpu.md). No effect
+    off glibc."""
     seed: int = 0
     """Seed of initialisation, data order and dropout."""
     eval_every: int = 0
