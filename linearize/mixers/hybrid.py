@@ -49,7 +49,9 @@ sink-token softmax, the mix): ``torch.utils.checkpoint`` (non-reentrant, so the 
 every gradient are the same) around that part, with the ops' segments handing back their first
 outputs instead of running again (``kernels.chunked_backward.reused_outputs``); no matmul runs
 twice. Subclasses with another linear op (``linear: delta``) keep autograd's saved tensors. False:
-autograd keeps every intermediate."""
+autograd keeps every intermediate. SmolLM2 default recipe, T = 2048: the 24 converted layers' saved
+tensors 1.93 -> 0.42 GB (plus ~0.24 GB of replayed outputs); with the LoRA step's light MLPs, peak
+RSS of the LoRA stage 7.3 -> 5.8 GB at the same step time (+0.3%, benchmarks/results/memory_cpu.md)."""
 
 
 def merge_softmax(o_a, lse_a, o_b, lse_b):
