@@ -240,3 +240,17 @@ def test_trimmed_forward_trims_every_kth_layer_with_grad_only(monkeypatch):
     assert n == 3 and calls == [0] * 4
     with memory.trimmed_forward(model, 0) as n:
         assert n == 0
+
+
+def test_light_mlps_probe_draws_no_random_numbers():
+    """The once-per-class probe runs in eval mode under a forked RNG: training's random stream (LoRA
+    dropout) is the same with and without light MLPs, and the modules keep their mode."""
+    from linearize.train import memory
+
+    model = _lora_model("llama", CONFIGS["default"])
+    memory._CHECKED.clear()
+    state = torch.get_rng_state()
+    with memory.light_mlps(model) as covered:
+        assert covered == 2
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(m.training for m in model.modules())

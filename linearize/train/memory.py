@@ -66,8 +66,13 @@ def _is_gated_mlp(mlp: nn.Module) -> bool:
         weight = next(mlp.parameters())
         probe = torch.randn(1, 3, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
         probe = probe.to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            _CHECKED[cls] = torch.equal(cls.forward(mlp, probe), _light_forward(mlp, probe))
+        was_training = mlp.training
+        mlp.eval()  # no dropout (a LoRA on the MLP): the probe neither differs by chance nor draws numbers
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                _CHECKED[cls] = torch.equal(cls.forward(mlp, probe), _light_forward(mlp, probe))
+        finally:
+            mlp.train(was_training)
         if not _CHECKED[cls]:
             logger.debug("%s is not a gated MLP of the expected form: autograd keeps its activations", cls.__name__)
     return _CHECKED[cls]
