@@ -5,6 +5,9 @@ extras of ``pyproject.toml``), a CUDA device, the Hugging Face Hub. Each check r
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import importlib.util
 import os
 import socket
@@ -23,6 +26,18 @@ class MissingDependencyError(LinearizeError, ModuleNotFoundError):
 
 class DeviceError(LinearizeError, ValueError):
     """A device was asked for that torch does not see."""
+
+
+@functools.cache
+def glibc() -> ctypes.CDLL | None:
+    """The C library through ctypes where it is glibc (its ``mallopt`` / ``malloc_trim`` tune and trim
+    the allocator), else None."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "gnu_get_libc_version") else None
 
 
 def missing_modules(modules: tuple[str, ...] | list[str]) -> list[str]:

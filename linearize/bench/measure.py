@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from linearize.config import torch_dtype
-from linearize.environment import check_device
+from linearize.environment import check_device, glibc
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +82,7 @@ def retain_freed_memory() -> None:
     faults instead of 0.26M; benchmarks/results/README.md). CPU servers avoid it with jemalloc or
     tcmalloc; this does the same for the benchmark process, for teacher and converted alike.
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
+    libc = glibc()
     if libc is None or not hasattr(libc, "mallopt"):
         raise ValueError("--retain-freed-memory needs glibc (Linux); leave it out on this system")
     if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
@@ -97,11 +93,7 @@ def release_freed_memory() -> None:
     """Hand the memory glibc keeps for reuse back to the OS (``malloc_trim``), so that each
     measurement's peak RSS is its own even where freed memory is retained (the ``linearize`` command's
     default, ``linearize.cli.allocator``). No-op without glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
+    libc = glibc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 

@@ -15,10 +15,10 @@ returned between forwards (``linearize bench`` hands it back between measurement
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
+
+from ..environment import glibc
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +34,8 @@ def keep_freed_memory() -> str:
     Returns the mode in effect: ``retain`` or ``system``."""
     if os.environ.get(ALLOCATOR_ENV) == "system":
         return "system"
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        libc = None
-    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+    libc = glibc()
+    if libc is None or not hasattr(libc, "mallopt"):
         logger.debug("not glibc: the allocator keeps its own defaults")
         return "system"
     if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import types
 from collections.abc import Iterator
@@ -22,6 +21,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from ..environment import glibc
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +95,7 @@ def light_mlps(model: nn.Module) -> Iterator[int]:
 
 def _malloc_trim():
     """glibc's ``malloc_trim`` (None elsewhere)."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    fn = getattr(libc, "malloc_trim", None)
+    fn = getattr(glibc(), "malloc_trim", None)
     if fn is not None:
         fn.argtypes = [ctypes.c_size_t]
     return fn
