@@ -77,6 +77,26 @@ def _op(backend: str, op: str):
     return table[backend, op]
 
 
+def _check_gla(q, k, v, g, initial_state=None, cu_seqlens=None) -> None:
+    """``check_gla_inputs`` with g's last dim allowed to be 1 (one decay per head) besides K."""
+    if isinstance(g, torch.Tensor) and isinstance(k, torch.Tensor) and g.dim() == 4 and k.dim() == 4:
+        if g.shape[-1] == 1 and k.shape[-1] != 1:
+            g = g.expand(*g.shape[:-1], k.shape[-1])  # a view: the shape checks as for a per-key decay
+        elif g.shape[-1] != k.shape[-1]:
+            raise ValueError(
+                f"k and g must be [B, T, Hkv, K], g's last dim K or 1 (one decay per head): got "
+                f"k {tuple(k.shape)}, g {tuple(g.shape)}"
+            )
+    check_gla_inputs(q, k, v, g, initial_state, cu_seqlens)
+
+
+def _per_key(g: torch.Tensor, K: int, backend: str) -> torch.Tensor:
+    """g as ``backend`` takes it: the chunked backend takes a per-head decay [.., 1] as it is (its
+    scalar-decay form, ``chunked.SCALAR_DECAY``); the reference and Triton see it expanded to K
+    (their per-key semantics, unchanged; autograd sums the gradient back to [.., 1])."""
+    return g if backend == "chunked" or g.shape[-1] == K else g.expand(*g.shape[:-1], K)
+
+
 def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """The activations in autocast's dtype where autocast is on for their device, else unchanged.
 
@@ -107,16 +127,20 @@ def gated_linear_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention ``S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t``, ``o_t = scale·q_t S_t``.
 
-    q: [B, T, H, K]; k, g: [B, T, Hkv, K]; v: [B, T, Hkv, V]; initial_state: [N, Hkv, K, V];
-    cu_seqlens: [N + 1] (B == 1). Returns o [B, T, H, V] (q.dtype) and the fp32 final state
-    [N, Hkv, K, V] when ``output_final_state``. ``scale`` defaults to K**-0.5. ``chunk_size``: chunk
-    length of the chunked backend (None: ``chunked.CHUNK_SIZE``).
+    q: [B, T, H, K]; k: [B, T, Hkv, K]; g: [B, T, Hkv, K] (log decay per key dimension) or
+    [B, T, Hkv, 1] (one log decay per token and head, the same on every key dimension: Lizard's
+    learned gate; the chunked backend then takes its matmul-only scalar-decay form, the other
+    backends see g expanded); v: [B, T, Hkv, V]; initial_state: [N, Hkv, K, V]; cu_seqlens: [N + 1]
+    (B == 1). Returns o [B, T, H, V] (q.dtype) and the fp32 final state [N, Hkv, K, V] when
+    ``output_final_state``. ``scale`` defaults to K**-0.5. ``chunk_size``: chunk length of the
+    chunked backend (None: ``chunked.CHUNK_SIZE``).
     """
-    check_gla_inputs(q, k, v, g, initial_state, cu_seqlens)
+    _check_gla(q, k, v, g, initial_state, cu_seqlens)
     q, k, v = _autocast(q, k, v)
-    fn = _gla(resolve_backend(backend, q), chunk_size)
+    name = resolve_backend(backend, q)
+    fn = _gla(name, chunk_size)
     return fn(
-        q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
+        q, k, v, _per_key(g, q.shape[-1], name), scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
 
 
@@ -164,14 +188,16 @@ def gla_decode_step(
 ) -> torch.Tensor:
     """Advance the recurrent ``state`` [B, Hkv, K, V] (fp32) by 1..few tokens, in place.
 
-    q: [B, Tn, H, K]; k, g: [B, Tn, Hkv, K]; v: [B, Tn, Hkv, V]. Returns o [B, Tn, H, V] (q.dtype).
+    q: [B, Tn, H, K]; k: [B, Tn, Hkv, K]; g: [B, Tn, Hkv, K] or [B, Tn, Hkv, 1] (one decay per head,
+    as in ``gated_linear_attention``); v: [B, Tn, Hkv, V]. Returns o [B, Tn, H, V] (q.dtype).
     The Triton kernel has no backward. On the chunked backend one token without autograd takes
     ``chunked.gla_step_`` (the state updated in place, three ops); otherwise the backends go through
     ``gated_linear_attention`` and copy the new state back.
     """
-    check_gla_inputs(q, k, v, g, state, None)
+    _check_gla(q, k, v, g, state, None)
     q, k, v = _autocast(q, k, v)
     name = resolve_backend(backend, q)
+    g = _per_key(g, q.shape[-1], name)
     if name == "triton":
         return _triton_ops().gla_decode_step(q, k, v, g, state, scale=scale)
     if name == "chunked" and q.shape[1] == 1 and not torch.is_grad_enabled() and _in_place_ok(state):
@@ -209,15 +235,16 @@ def fused_liger_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Liger attention ``o = w·SWA(q, k, v) + (1 − w)·GLA(q_lin, k_lin, v, g)``, w = window_weight.
 
-    q_lin [B, T, H, K], k_lin and g [B, T, Hkv, K] (linear branch, no RoPE); q [B, T, H, D] and
+    q_lin [B, T, H, K], k_lin [B, T, Hkv, K] and g [B, T, Hkv, K or 1] (linear branch, no RoPE); q [B, T, H, D] and
     k [B, T, Hkv, D] (window branch, RoPE'd); v [B, T, Hkv, V] shared. The window never crosses a
     ``cu_seqlens`` boundary. Returns o [B, T, H, V] (q.dtype) and the linear branch's fp32 final
     state (or None). One Triton kernel on CUDA; elsewhere the two ops run and are mixed.
     """
-    check_gla_inputs(q_lin, k_lin, v, g, initial_state, cu_seqlens)
+    _check_gla(q_lin, k_lin, v, g, initial_state, cu_seqlens)
     check_swa_inputs(q, k, v, window, key_mask, sinks)
     q_lin, k_lin, q, k, v = _autocast(q_lin, k_lin, q, k, v)
     name = resolve_backend(backend, q)
+    g = _per_key(g, q_lin.shape[-1], name)
     if name == "triton":
         return _triton_ops().fused_liger_attention(
             q_lin, k_lin, g, q, k, v, window, window_weight=window_weight, scale_lin=scale_lin,

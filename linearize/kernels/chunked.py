@@ -17,6 +17,14 @@ space before the exponential). Each log decay is formed as a sum of the g's it s
 difference of two long cumulative sums, so fp32 keeps its precision after a very strong gate.
 Memory is O(T·C) per head, never O(T²).
 
+One decay per head (``g`` [B, T, Hkv, 1], e.g. Lizard's learned gate): the decay is a scalar per
+token and head, so the chunk form needs no sub-chunks and no ``[c, c, K]`` tensors, only matmuls
+(Mamba-2's SSD, flash-linear-attention's "simple GLA"), ``_gla_chunked_scalar``: with ``b_i`` the
+chunk's cumulative log decay to i and ``D_ij = Σ_{j<s<=i} g_s`` (a running sum over a ``[C, C]``
+mask, never a difference of cumulative sums),
+
+    A = (Q Kᵀ) ⊙ exp(D) (causal),  O = A V + (Q ⊙ e^b) S_start,  S_end = e^{B_C} S_start + (K ⊙ e^{B_C − b})ᵀ V.
+
 Sliding-window attention: queries in blocks of ``bq``; each block gathers only the
 ``bq + window − 1`` keys it can see (a strided view), so memory is O(T·window).
 """
@@ -49,6 +57,10 @@ as ``chunked_backward``'s autograd Functions: the same forward, only the inputs 
 recomputed per segment by a hand-written backward (SmolLM2 default recipe at T = 2048: peak RSS of a
 LoRA step 11.5 -> 7.1-7.4 GB, ``benchmarks/results/memory_cpu.md``). False: autograd over the
 forward, keeping every intermediate."""
+SCALAR_DECAY = True
+"""A decay given once per head (``g`` [B, T, Hkv, 1]) takes the scalar-decay chunk form
+(``_gla_chunked_scalar``, plain matmuls). False: it is expanded to every key dimension and takes the
+general per-key form (the same numbers to fp32 rounding; for before/after comparisons and tests)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,14 +81,20 @@ def gated_linear_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention ``S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t``, ``o_t = scale·q_t S_t``.
 
-    Same contract as ``reference.gated_linear_attention_ref``: q [B, T, H, K]; k, g [B, T, Hkv, K];
-    v [B, T, Hkv, V]; initial_state [N, Hkv, K, V]; cu_seqlens [N + 1] (B == 1, state restarts at
-    each boundary). Returns o [B, T, H, V] in q.dtype and the fp32 final state (or None).
+    Same contract as ``reference.gated_linear_attention_ref``: q [B, T, H, K]; k [B, T, Hkv, K];
+    g [B, T, Hkv, K], or [B, T, Hkv, 1] for one decay per head (the scalar-decay form, see
+    ``SCALAR_DECAY``); v [B, T, Hkv, V]; initial_state [N, Hkv, K, V]; cu_seqlens [N + 1] (B == 1,
+    state restarts at each boundary). Returns o [B, T, H, V] in q.dtype and the fp32 final state (or
+    None). g's gradient has g's shape (summed over K for a per-head decay).
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     B, T, H, K = q.shape
     scale = K**-0.5 if scale is None else scale
+    if g.shape[-1] not in (1, K):
+        raise ValueError(f"g's last dim must be 1 (one decay per head) or K={K}, got g {tuple(g.shape)}")
+    if g.shape[-1] != K and not SCALAR_DECAY:
+        g = g.expand(*g.shape[:-1], K)  # the general per-key form (autograd sums g's gradient back)
     if cu_seqlens is None:
         o, final = _gla_batched(q, k, v, g, scale, initial_state, chunk_size)
     else:
@@ -125,12 +143,15 @@ def _gla_batched(q, k, v, g, scale, initial_state, chunk_size):
     if T == 0:
         return q.new_zeros(B, 0, H, V, dtype=torch.float32), state
     if T <= RECURRENT_MAX_T:
-        o, state = _gla_recurrent(qf, kf, vf, gf, state)
+        o, state = _gla_recurrent(qf, kf, vf, gf, state)  # a per-head gf [.., 1] broadcasts
     else:
         segment = max(chunk_size, SEGMENT_TOKENS // chunk_size * chunk_size)
-        run = _gla_chunked
+        per_head = gf.shape[-1] == 1 and K > 1  # K == 1: both forms are the same; keep the general one
+        run = _gla_chunked_scalar if per_head else _gla_chunked
         if _light_backward(qf, kf, vf, gf, state):  # inputs saved only, recomputed in the backward
-            from .chunked_backward import gla_chunked as run
+            from . import chunked_backward
+
+            run = chunked_backward.gla_chunked_scalar if per_head else chunked_backward.gla_chunked
         outs = []
         for a in range(0, T, segment):  # the state carries over: the same sums, in cache-sized pieces
             o, state = run(qf[:, a : a + segment], kf[:, a : a + segment], vf[:, a : a + segment],
@@ -207,6 +228,75 @@ def _gla_chunked(qf, kf, vf, gf, state, chunk_size):
 
     o = (o_inter + o_intra).permute(0, 3, 4, 1, 2, 5).reshape(B, n * C, Hkv, G, V)[:, :T]  # [B, T, Hkv, G, V]
     return o, state
+
+
+def _scalar_decay_pieces(gc: torch.Tensor):
+    """The log decays of the scalar-decay chunk form from gc [..., C] (one chunk's g's per row):
+    b (chunk start to i, inclusive), to_end (after j to the chunk end, ``B_C − b_j``), total
+    (``B_C``, [..., 1]) and the masked intra-chunk decay factors ``exp(D)`` [..., C, C] with
+    ``D_ij = Σ_{j<s<=i} g_s`` for i >= j and 0 above the diagonal. Each is a running sum of the
+    g's it spans (no difference of cumulative sums), and only exponentials of sums <= 0 are taken."""
+    C = gc.shape[-1]
+    pos = torch.arange(C, device=gc.device)
+    below = pos[None, :] < pos[:, None]  # [i, j]: j < i
+    b = gc.cumsum(dim=-1)  # [..., C]
+    total = b[..., -1:]  # [..., 1]
+    to_end = F.pad(gc.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))  # [..., C] Σ_{s>j} g_s
+    d_log = (gc[..., :, None] * below).cumsum(dim=-2)  # [..., C(i), C(j)] Σ_{j<s<=i} g_s (0 for i <= j)
+    causal = ~below.T  # [i, j]: j <= i
+    decay = d_log.masked_fill_(~causal, float("-inf")).exp_()  # [..., C, C]
+    return b, to_end, total, decay
+
+
+def _scalar_chunks(qf, kf, vf, gf, C):
+    """The scalar-decay form's chunk layout: q [B, Hkv, n, G*C, K] (rows g-major), k [B, Hkv, n, C, K],
+    v [B, Hkv, n, C, V], g [B, Hkv, n, C], zero padded at the end (g = 0, k = 0 keep the state)."""
+    B, T, Hkv, G, K = qf.shape
+    V = vf.shape[-1]
+    n = -(-T // C)
+    pad = n * C - T
+    qc = F.pad(qf, (0, 0, 0, 0, 0, 0, 0, pad)).reshape(B, n, C, Hkv, G, K).permute(0, 3, 1, 4, 2, 5)
+    qc = qc.reshape(B, Hkv, n, G * C, K)  # [B, Hkv, n, G*C, K]
+    kc = F.pad(kf, (0, 0, 0, 0, 0, pad)).reshape(B, n, C, Hkv, K).permute(0, 3, 1, 2, 4)  # [B, Hkv, n, C, K]
+    vc = F.pad(vf, (0, 0, 0, 0, 0, pad)).reshape(B, n, C, Hkv, V).permute(0, 3, 1, 2, 4)  # [B, Hkv, n, C, V]
+    gc = F.pad(gf[..., 0], (0, 0, 0, pad)).reshape(B, n, C, Hkv).permute(0, 3, 1, 2)  # [B, Hkv, n, C]
+    return qc, kc, vc, gc
+
+
+def _scalar_unchunk(x, T, G):
+    """[B, Hkv, n, G*C, X] (the layout of ``_scalar_chunks``' q) -> [B, T, Hkv, G, X]."""
+    B, Hkv, n, GC, X = x.shape
+    C = GC // G
+    return x.reshape(B, Hkv, n, G, C, X).permute(0, 2, 4, 1, 3, 5).reshape(B, n * C, Hkv, G, X)[:, :T]
+
+
+def _chunk_starts(state, total, update):
+    """The state at each chunk's start: a sequential scan. state [B, Hkv, K, V]; total [B, Hkv, n, 1]
+    (or [B, Hkv, n, K]) chunk log decays; update [B, Hkv, n, K, V]. Returns the starts
+    [B, Hkv, n, K, V] and the final state."""
+    chunk_decay = total.exp()[..., None]  # [B, Hkv, n, 1 or K, 1]
+    starts = []
+    for i in range(update.shape[2]):
+        starts.append(state)
+        state = state * chunk_decay[:, :, i] + update[:, :, i]  # [B, Hkv, K, V]
+    return torch.stack(starts, dim=2), state
+
+
+def _gla_chunked_scalar(qf, kf, vf, gf, state, chunk_size):
+    """Chunked form for one decay per head: qf [B, T, Hkv, G, K] (already scaled), kf [B, T, Hkv, K],
+    vf [B, T, Hkv, V], gf [B, T, Hkv, 1], state [B, Hkv, K, V], all fp32. Returns o [B, T, Hkv, G, V]
+    and the final state. Only matmuls per chunk; no sub-chunks."""
+    G = qf.shape[3]
+    C = chunk_size
+    qc, kc, vc, gc = _scalar_chunks(qf, kf, vf, gf, C)
+    b, to_end, total, decay = _scalar_decay_pieces(gc)
+    e_q = b.exp().repeat(1, 1, 1, G)[..., None]  # [B, Hkv, n, G*C, 1] rows g-major, like qc
+    update = torch.matmul((kc * to_end.exp()[..., None]).transpose(-1, -2), vc)  # [B, Hkv, n, K, V]
+    starts, state = _chunk_starts(state, total, update)
+    a = torch.matmul(qc, kc.transpose(-1, -2))  # [B, Hkv, n, G*C, C]
+    a = (a.unflatten(3, (G, -1)) * decay[:, :, :, None]).flatten(3, 4)  # ⊙ exp(D), causal
+    o = torch.matmul(a, vc).add_(torch.matmul(qc * e_q, starts))  # [B, Hkv, n, G*C, V]
+    return _scalar_unchunk(o, qf.shape[1], G), state
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,12 +431,13 @@ def gla_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
               scale: float = 1.0) -> torch.Tensor:
     """One token of gated linear attention; ``state`` [B, Hkv, K, V] (fp32, contiguous) advances in place.
 
-    q [B, 1, H, K]; k, g [B, 1, Hkv, K]; v [B, 1, Hkv, V]. Returns o [B, 1, H, V] fp32. Three ops on
-    the state (decay, rank-1 update, read-out) instead of the general path's copy of it per token.
+    q [B, 1, H, K]; k [B, 1, Hkv, K]; g [B, 1, Hkv, K] or [B, 1, Hkv, 1] (one decay per head,
+    broadcast); v [B, 1, Hkv, V]. Returns o [B, 1, H, V] fp32. Three ops on the state (decay, rank-1
+    update, read-out) instead of the general path's copy of it per token.
     """
     B, _, H, K = q.shape
     Hkv, V = k.shape[2], v.shape[3]
-    state.mul_(g.float().exp().reshape(B, Hkv, K, 1))  # diag(exp(g_t)) S
+    state.mul_(g.float().exp().reshape(B, Hkv, -1, 1))  # diag(exp(g_t)) S (a per-head g broadcasts)
     state.view(B * Hkv, K, V).baddbmm_(k.float().reshape(B * Hkv, K, 1), v.float().reshape(B * Hkv, 1, V))  # + kᵀv
     o = torch.matmul(q.float().reshape(B, Hkv, H // Hkv, K), state)  # [B, Hkv, G, V]
     if scale != 1.0:

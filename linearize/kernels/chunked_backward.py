@@ -19,6 +19,13 @@ sub-chunk factorisation with its own sub-chunk length, so only exponentials of s
 The last line holds because everything depends on g through the cumulative sums A_t only
 (``o_t = (q_t ⊙ e^{A_t})·(S_in + Σ_{j<=t} (k_j ⊙ e^{−A_j}) v_jᵀ)``, ``S_out = e^{A_T} ⊙ (...)``).
 
+One decay per head (``chunked._gla_chunked_scalar``, g [.., 1]): the same gradients in matmuls, with
+``E = exp(D)`` the forward's masked [C, C] decay and ``A = (Q Kᵀ) ⊙ E``:
+
+    dV = Aᵀ dO + (K ⊙ e^{B_C − b}) dS_end          dP = (dO Vᵀ) ⊙ E
+    dQ = dP K + e^b ⊙ (dO S_startᵀ)                dK = dPᵀ Q + e^{B_C − b} ⊙ (V dS_endᵀ)
+    dS_start = e^{B_C} dS_end + (Q ⊙ e^b)ᵀ dO      dg_s = Σ_K (the per-key dg_s above)
+
 Sliding-window attention, one segment: flash-attention's backward over the window band, with the
 probabilities recomputed from the inputs and the saved lse; ``lse`` is an output with its own gradient (the hybrid
 layer merges it with the sink tokens'), and the learned sink logits get ``Σ p_sink (dlse − D)``.
@@ -43,7 +50,15 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from .chunked import _gla_chunked, _swa_blocks
+from .chunked import (
+    _chunk_starts,
+    _gla_chunked,
+    _gla_chunked_scalar,
+    _scalar_chunks,
+    _scalar_decay_pieces,
+    _scalar_unchunk,
+    _swa_blocks,
+)
 
 # ------------------------------------------------------------------------------------------------
 # Outputs kept for a recomputing caller
@@ -229,6 +244,80 @@ def _gla_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, chunk_size):
     dk = dk.permute(0, 2, 3, 1, 4).reshape(B, n * C, Hkv, K)[:, :T]  # [B, T, Hkv, K]
     dv = dv.permute(0, 2, 3, 1, 4).reshape(B, n * C, Hkv, V)[:, :T]  # [B, T, Hkv, V]
     dg = dgc.permute(0, 2, 1, 3)[:, :T]  # [B, T, Hkv, K]
+    return dq, dk, dv, dg, dstate
+
+
+class _GLAScalarSegment(torch.autograd.Function):
+    """``chunked._gla_chunked_scalar`` (one decay per head) with a recomputing backward. qf
+    [B, T, Hkv, G, K] (already scaled), kf [B, T, Hkv, K], vf [B, T, Hkv, V], gf [B, T, Hkv, 1],
+    state [B, Hkv, K, V], all fp32."""
+
+    @staticmethod
+    def forward(ctx, qf, kf, vf, gf, state, chunk_size):
+        o, final = _forward(_gla_chunked_scalar, qf, kf, vf, gf, state, chunk_size)
+        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(qf, kf, vf, gf, state, final)
+        return o, final
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dfinal):
+        qf, kf, vf, gf, state, final = ctx.saved_tensors
+        grads = _gla_scalar_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, ctx.chunk_size)
+        return (*grads, None)
+
+
+def gla_chunked_scalar(qf, kf, vf, gf, state, chunk_size):
+    """Drop-in for ``chunked._gla_chunked_scalar`` that saves only its inputs for the backward."""
+    return _GLAScalarSegment.apply(qf, kf, vf, gf, state, chunk_size)
+
+
+def _gla_scalar_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, chunk_size):
+    """Gradients of ``_gla_chunked_scalar`` w.r.t. qf, kf, vf, gf ([B, T, Hkv, 1]) and state,
+    recomputing its intermediates (the forward's expressions, so the same numbers)."""
+    B, T, Hkv, G, K = qf.shape
+    V = vf.shape[-1]
+    qc, kc, vc, gc = _scalar_chunks(qf, kf, vf, gf, chunk_size)  # [B, Hkv, n, G*C | C, .]
+    n, C = gc.shape[2], gc.shape[3]
+    pad = n * C - T
+    doc = F.pad(do.float(), (0, 0, 0, 0, 0, 0, 0, pad)).reshape(B, n, C, Hkv, G, V).permute(0, 3, 1, 4, 2, 5)
+    doc = doc.reshape(B, Hkv, n, G * C, V)  # [B, Hkv, n, G*C, V]
+    b, to_end, total, decay = _scalar_decay_pieces(gc)
+    e_q = b.exp().repeat(1, 1, 1, G)[..., None]  # [B, Hkv, n, G*C, 1]
+    e_k = to_end.exp()[..., None]  # [B, Hkv, n, C, 1]
+    k_end = kc * e_k  # [B, Hkv, n, C, K]
+    starts, _ = _chunk_starts(state, total, torch.matmul(k_end.transpose(-1, -2), vc))  # [B, Hkv, n, K, V]
+    q_start = qc * e_q  # [B, Hkv, n, G*C, K]
+
+    # Reverse scan: the gradient of the state at each chunk's end.
+    into = torch.matmul(q_start.transpose(-1, -2), doc)  # [B, Hkv, n, K, V] each chunk's reads of its start
+    chunk_decay = total.exp()[..., None]  # [B, Hkv, n, 1, 1]
+    ds = dfinal.float() if dfinal is not None else torch.zeros_like(state)
+    ends = [None] * n
+    for i in range(n - 1, -1, -1):
+        ends[i] = ds
+        ds = ds * chunk_decay[:, :, i] + into[:, :, i]
+    dstate = ds  # [B, Hkv, K, V]
+    end_grads = torch.stack(ends, dim=2)  # [B, Hkv, n, K, V]
+
+    decay_g = decay[:, :, :, None]  # [B, Hkv, n, 1, C, C] broadcast over the G query groups
+    a = (torch.matmul(qc, kc.transpose(-1, -2)).unflatten(3, (G, -1)) * decay_g).flatten(3, 4)  # [B, Hkv, n, G*C, C]
+    dp = (torch.matmul(doc, vc.transpose(-1, -2)).unflatten(3, (G, -1)) * decay_g).flatten(3, 4)  # [B, Hkv, n, G*C, C]
+    dv = torch.matmul(a.transpose(-1, -2), doc).add_(torch.matmul(k_end, end_grads))  # [B, Hkv, n, C, V]
+    dqc = torch.matmul(dp, kc).add_(torch.matmul(doc, starts.transpose(-1, -2)).mul_(e_q))  # [B, Hkv, n, G*C, K]
+    dkc = torch.matmul(dp.transpose(-1, -2), qc).add_(torch.matmul(vc, end_grads.transpose(-1, -2)).mul_(e_k))
+    del a, dp
+
+    # Decays: reverse cumulative sum over time of Σ_K (q ⊙ dq − k ⊙ dk), plus the final state's term.
+    da = (qc * dqc).sum(dim=-1).unflatten(3, (G, C)).sum(dim=3) - (kc * dkc).sum(dim=-1)  # [B, Hkv, n, C]
+    da = da.reshape(B, Hkv, n * C)
+    if dfinal is not None:
+        da[:, :, -1] += (final * dfinal.float()).sum(dim=(-2, -1))
+    dg = da.flip(2).cumsum(2).flip(2).permute(0, 2, 1)[:, :T, :, None]  # [B, T, Hkv, 1]
+
+    dq = _scalar_unchunk(dqc, T, G)  # [B, T, Hkv, G, K]
+    dk = dkc.permute(0, 2, 3, 1, 4).reshape(B, n * C, Hkv, K)[:, :T]  # [B, T, Hkv, K]
+    dv = dv.permute(0, 2, 3, 1, 4).reshape(B, n * C, Hkv, V)[:, :T]  # [B, T, Hkv, V]
     return dq, dk, dv, dg, dstate
 
 
