@@ -31,7 +31,7 @@ class LinearInputs(NamedTuple):
     v: torch.Tensor
     """Values [B, T, Hkv, V] (a column of ones appended when the branch keeps a denominator)."""
     log_g: torch.Tensor
-    """Log decays [B, T, Hkv, F], fp32."""
+    """Log decays [B, T, Hkv, F], or [B, T, Hkv, 1] for one decay per head (broadcast), fp32."""
 
 
 class SinkTokens(NamedTuple):

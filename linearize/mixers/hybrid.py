@@ -274,7 +274,9 @@ class HybridAttention(nn.Module):
 
     def _linear_inputs(self, x, q, k, v, valid) -> tuple[torch.Tensor, LinearInputs]:
         """Feature-mapped queries [B, T, H, F] and what enters the state (no RoPE): φk(k) (or HGRN2's
-        1 − α), values (plus a ones column that accumulates the denominator), log decays; padding
+        1 − α), values (plus a ones column that accumulates the denominator), log decays ([B, T, Hkv, F],
+        or [B, T, Hkv, 1] for a gate with one decay per head: the ops take it as it is, and the chunked
+        GLA then runs its matmul-only scalar-decay form, ``kernels.chunked.SCALAR_DECAY``); padding
         (``valid`` [B, T] False; None: no padding) adds nothing and does not decay the state."""
         cfg = self.cfg
         if cfg.gate == "learned":
@@ -286,8 +288,9 @@ class HybridAttention(nn.Module):
         else:
             fq, fk = q.softmax(dim=-1), k.softmax(dim=-1)  # [B, T, H|Hkv, D]
         F_dim = fk.shape[-1]
-        if log_g.shape[-1] == 1:
-            log_g = log_g.expand(-1, -1, -1, F_dim)
+        if log_g.shape[-1] == 1:  # one decay per head stays [B, T, Hkv, 1] (the ops' scalar-decay form)
+            if cfg.gate == "hgrn2":  # except where the key is made from it feature by feature
+                log_g = log_g.expand(-1, -1, -1, F_dim)
         elif log_g.shape[-1] != F_dim:
             log_g = log_g.repeat(1, 1, 1, F_dim // log_g.shape[-1])  # hedgehog doubles the features
         if cfg.gate == "hgrn2":  # HGRN2: the key is the complement of the forget gate, feature by feature
