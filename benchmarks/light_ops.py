@@ -14,6 +14,15 @@ intermediates). ``--mlp``: ``light`` (the LoRA step's gated MLPs keep gate and u
 ``chunked._gla_chunked`` / ``chunked._swa_blocks`` made here, not in library code. ``--time-ops``
 times forward + backward of both ops at the default recipe's shapes (SmolLM2-135M, hedgehog features,
 shared denominator: GLA q [1, T, 9, 128], k [1, T, 3, 128], v [1, T, 3, 65]; window 128, D 64).
+
+One decay per head (the default recipe's learned gate, ``kernels.chunked.SCALAR_DECAY``):
+``--scalar-decay off`` runs the CLI with it expanded to every key dimension (the per-key form, as
+before the scalar-decay form existed); ``--time-ops --decay per-head`` times the GLA op with g
+[1, T, 3, 1] in both forms, interleaved, each with the library's default (memory-light) backward:
+
+    OMP_NUM_THREADS=1 python -m benchmarks.light_ops --time-ops --decay per-head
+    OMP_NUM_THREADS=1 python -m benchmarks.light_ops --scalar-decay off -- finetune recipes/... ...
+
 Results: benchmarks/results/memory_cpu.md.
 """
 
@@ -38,10 +47,14 @@ VARIANTS = {
 
 
 def use(variant: str) -> None:
-    """Route chunked.py's segments through ``variant`` (its own switch, where present, turned off)."""
-    if hasattr(chunked, "LIGHT_BACKWARD"):
-        chunked.LIGHT_BACKWARD = False
-    chunked._gla_chunked, chunked._swa_blocks = VARIANTS[variant]
+    """Route chunked.py's segments through ``variant``. ``recompute`` is the library's own switch
+    (``chunked.LIGHT_BACKWARD``, which also covers the scalar-decay form of a per-head decay); the
+    others turn it off and patch the per-key GLA and window segments (a per-head decay's scalar form
+    then runs under plain autograd)."""
+    chunked._gla_chunked, chunked._swa_blocks = VARIANTS["autograd"]
+    chunked.LIGHT_BACKWARD = variant == "recompute"
+    if variant != "recompute":
+        chunked._gla_chunked, chunked._swa_blocks = VARIANTS[variant]
 
 
 def use_mixer(mode: str) -> None:
@@ -91,6 +104,34 @@ def time_ops(T: int, repeats: int, variants: list[str]) -> None:
                   f"(cpu {m['fwd cpu'] + m['bwd cpu']:6.1f}); median of {repeats}, T={T}")
 
 
+def time_scalar_decay(T: int, repeats: int) -> None:
+    """Forward and backward of the GLA op with one decay per head, in the scalar-decay form and
+    expanded to the per-key form (``chunked.SCALAR_DECAY``), interleaved; medians as ``time_ops``."""
+    torch.manual_seed(0)
+    q = torch.randn(1, T, 9, 128).softmax(-1).requires_grad_()  # [B, T, H, 2D] hedgehog features
+    k = torch.randn(1, T, 3, 128).softmax(-1).requires_grad_()  # [B, T, Hkv, 2D]
+    v = torch.randn(1, T, 3, 65).requires_grad_()  # [B, T, Hkv, D + 1] shared denominator column
+    g = (F.logsigmoid(torch.randn(1, T, 3, 1) + 4) / 16).requires_grad_()  # [B, T, Hkv, 1] learned gate
+    forms = {"scalar": True, "per-key": False}
+    times = {(form, part): [] for form in forms for part in ("fwd", "bwd", "fwd cpu", "bwd cpu")}
+    for _ in range(repeats):
+        for form, scalar in forms.items():
+            chunked.SCALAR_DECAY = scalar
+            t0, c0 = time.perf_counter(), time.process_time()
+            o = chunked.gated_linear_attention(q, k, v, g, scale=1.0)[0]
+            t1, c1 = time.perf_counter(), time.process_time()
+            o.backward(torch.ones_like(o))
+            t2, c2 = time.perf_counter(), time.process_time()
+            for part, dt in (("fwd", t1 - t0), ("bwd", t2 - t1), ("fwd cpu", c1 - c0), ("bwd cpu", c2 - c1)):
+                times[form, part].append(dt)
+    chunked.SCALAR_DECAY = True
+    for form in forms:
+        m = {part: statistics.median(times[form, part]) * 1e3 for part in ("fwd", "bwd", "fwd cpu", "bwd cpu")}
+        print(f"gla per-head decay, {form:8s}: forward {m['fwd']:6.1f} ms (cpu {m['fwd cpu']:6.1f}), backward "
+              f"{m['bwd']:6.1f} ms (cpu {m['bwd cpu']:6.1f}), total {m['fwd'] + m['bwd']:6.1f} ms "
+              f"(cpu {m['fwd cpu'] + m['bwd cpu']:6.1f}); median of {repeats}, T={T}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", choices=list(VARIANTS), default="recompute")
@@ -100,11 +141,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--decay", choices=["per-key", "per-head"], default="per-key",
+                        help="--time-ops: per-key (both ops, the --variants) or per-head (GLA, both decay forms)")
+    parser.add_argument("--scalar-decay", choices=["on", "off"], default="on",
+                        help="off: a per-head decay takes the per-key form (chunked.SCALAR_DECAY = False)")
     parser.add_argument("cli", nargs=argparse.REMAINDER, help="-- then the linearize CLI arguments")
     args = parser.parse_args()
     if args.time_ops:
-        time_ops(args.seq_len, args.repeats, args.variants)
+        if args.decay == "per-head":
+            time_scalar_decay(args.seq_len, args.repeats)
+        else:
+            time_ops(args.seq_len, args.repeats, args.variants)
         return
+    chunked.SCALAR_DECAY = args.scalar_decay == "on"
     use(args.ops)
     use_mixer(args.mixer)
     use_mlp(args.mlp)
