@@ -149,9 +149,9 @@ def _gla_batched(q, k, v, g, scale, initial_state, chunk_size):
         per_head = gf.shape[-1] == 1 and K > 1  # K == 1: both forms are the same; keep the general one
         run = _gla_chunked_scalar if per_head else _gla_chunked
         if _light_backward(qf, kf, vf, gf, state):  # inputs saved only, recomputed in the backward
-            from . import chunked_backward
+            from .chunked_backward import gla_chunked, gla_chunked_scalar
 
-            run = chunked_backward.gla_chunked_scalar if per_head else chunked_backward.gla_chunked
+            run = gla_chunked_scalar if per_head else gla_chunked
         outs = []
         for a in range(0, T, segment):  # the state carries over: the same sums, in cache-sized pieces
             o, state = run(qf[:, a : a + segment], kf[:, a : a + segment], vf[:, a : a + segment],
