@@ -153,9 +153,11 @@ def _gla_batched(q, k, v, g, scale, initial_state, chunk_size):
 
             run = gla_chunked_scalar if per_head else gla_chunked
         outs = []
-        for a in range(0, T, segment):  # the state carries over: the same sums, in cache-sized pieces
-            o, state = run(qf[:, a : a + segment], kf[:, a : a + segment], vf[:, a : a + segment],
-                           gf[:, a : a + segment], state, chunk_size)
+        # The state carries over: the same sums, in cache-sized pieces. ``split`` rather than slices:
+        # its backward is one concatenation, where each slice's would fill a zero tensor of the full length.
+        pieces = zip(*(x.split(segment, dim=1) for x in (qf, kf, vf, gf)))
+        for q_s, k_s, v_s, g_s in pieces:
+            o, state = run(q_s, k_s, v_s, g_s, state, chunk_size)
             outs.append(o)
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return o.reshape(B, T, H, V), state
