@@ -134,7 +134,7 @@ def _gla_batched(q, k, v, g, scale, initial_state, chunk_size):
     B, T, H, K = q.shape
     Hkv, V = k.shape[2], v.shape[3]
     group = H // Hkv
-    qf = (q.float() * scale).reshape(B, T, Hkv, group, K)  # [B, T, Hkv, G, K]
+    qf = (q.float() if scale == 1.0 else q.float() * scale).reshape(B, T, Hkv, group, K)  # [B, T, Hkv, G, K]
     kf, vf, gf = k.float(), v.float(), g.float()
     if initial_state is None:
         state = q.new_zeros(B, Hkv, K, V, dtype=torch.float32)  # [B, Hkv, K, V]
