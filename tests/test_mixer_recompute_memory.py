@@ -36,7 +36,7 @@ CONFIGS = {
     "window_only": {"mixer": "lizard", "linear": "none", "sink_tokens": 2, "linear_span": "beyond_window",
                     "normalizer": "shared", "window": 8, "chunk_size": 16},
 }
-_OPS = {name: getattr(chunked_backward, name) for name in ("_gla_chunked", "_swa_blocks")}
+_OPS = {name: getattr(chunked_backward, name) for name in ("_gla_chunked", "_gla_chunked_scalar", "_swa_blocks")}
 _HYBRID_FORWARD = HybridAttention.hybrid_forward
 _ATTEND = HybridAttention._attend
 T = 100  # several chunks and (SEGMENT_TOKENS patched to 32) several segments per op
@@ -89,6 +89,8 @@ def test_recompute_gives_the_same_loss_and_gradients(monkeypatch, arch, name):
     assert layers > 0 and calls1["layer"] == 2 * layers, "each converted layer runs again in the backward"
     ops = {k: v for k, v in calls0.items() if k != "layer"}
     assert ops and ops == {k: v for k, v in calls1.items() if k != "layer"}, "the ops' forwards run once"
+    if name in ("default", "sinks"):  # Lizard's learned gate: one decay per head, the scalar-decay GLA form
+        assert ops.get("_gla_chunked_scalar", 0) > 0 and "_gla_chunked" not in ops, ops
 
 
 def _saved_bytes_in_mixers(model, ids) -> int:
