@@ -241,6 +241,12 @@ def test_bad_decay_shape_raises():
         kernels.gated_linear_attention(q, k, v, torch.zeros(2, 10, 2, 3), backend="chunked")
     with pytest.raises(ValueError, match="last dim must be 1"):
         chunked.gated_linear_attention(q, k, v, torch.zeros(2, 10, 2, 3))
+    # the shared check takes [.., 1] only where the caller handles it (not the Triton kernels)
+    from linearize.kernels.validate import check_gla_inputs
+    per_head = torch.zeros(*k.shape[:3], 1)
+    check_gla_inputs(q, k, v, per_head, per_head_decay=True)
+    with pytest.raises(ValueError, match=r"k and g must be \[B, T, Hkv, \d+\], got"):
+        check_gla_inputs(q, k, v, per_head)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -77,19 +77,6 @@ def _op(backend: str, op: str):
     return table[backend, op]
 
 
-def _check_gla(q, k, v, g, initial_state=None, cu_seqlens=None) -> None:
-    """``check_gla_inputs`` with g's last dim allowed to be 1 (one decay per head) besides K."""
-    if isinstance(g, torch.Tensor) and isinstance(k, torch.Tensor) and g.dim() == 4 and k.dim() == 4:
-        if g.shape[-1] == 1 and k.shape[-1] != 1:
-            g = g.expand(*g.shape[:-1], k.shape[-1])  # a view: the shape checks as for a per-key decay
-        elif g.shape[-1] != k.shape[-1]:
-            raise ValueError(
-                f"k and g must be [B, T, Hkv, K], g's last dim K or 1 (one decay per head): got "
-                f"k {tuple(k.shape)}, g {tuple(g.shape)}"
-            )
-    check_gla_inputs(q, k, v, g, initial_state, cu_seqlens)
-
-
 def _per_key(g: torch.Tensor, K: int, backend: str) -> torch.Tensor:
     """g as ``backend`` takes it: the chunked backend takes a per-head decay [.., 1] as it is (its
     scalar-decay form, ``chunked.SCALAR_DECAY``); the reference and Triton see it expanded to K
@@ -135,7 +122,7 @@ def gated_linear_attention(
     ``output_final_state``. ``scale`` defaults to K**-0.5. ``chunk_size``: chunk length of the
     chunked backend (None: ``chunked.CHUNK_SIZE``).
     """
-    _check_gla(q, k, v, g, initial_state, cu_seqlens)
+    check_gla_inputs(q, k, v, g, initial_state, cu_seqlens, per_head_decay=True)
     q, k, v = _autocast(q, k, v)
     name = resolve_backend(backend, q)
     fn = _gla(name, chunk_size)
@@ -194,7 +181,7 @@ def gla_decode_step(
     ``chunked.gla_step_`` (the state updated in place, three ops); otherwise the backends go through
     ``gated_linear_attention`` and copy the new state back.
     """
-    _check_gla(q, k, v, g, state, None)
+    check_gla_inputs(q, k, v, g, state, None, per_head_decay=True)
     q, k, v = _autocast(q, k, v)
     name = resolve_backend(backend, q)
     g = _per_key(g, q.shape[-1], name)
@@ -240,7 +227,7 @@ def fused_liger_attention(
     ``cu_seqlens`` boundary. Returns o [B, T, H, V] (q.dtype) and the linear branch's fp32 final
     state (or None). One Triton kernel on CUDA; elsewhere the two ops run and are mixed.
     """
-    _check_gla(q_lin, k_lin, v, g, initial_state, cu_seqlens)
+    check_gla_inputs(q_lin, k_lin, v, g, initial_state, cu_seqlens, per_head_decay=True)
     check_swa_inputs(q, k, v, window, key_mask, sinks)
     q_lin, k_lin, q, k, v = _autocast(q_lin, k_lin, q, k, v)
     name = resolve_backend(backend, q)

@@ -12,20 +12,26 @@ def _shape(name: str, x: torch.Tensor, ndim: int, what: str) -> None:
         raise ValueError(f"{name} must have shape {what}, got {tuple(x.shape)}")
 
 
-def check_gla_inputs(q, k, v, g, initial_state=None, cu_seqlens=None) -> None:
+def check_gla_inputs(q, k, v, g, initial_state=None, cu_seqlens=None, per_head_decay: bool = False) -> None:
+    """``per_head_decay``: g may also be [B, T, Hkv, 1] (one decay per head, the dispatcher's and the
+    chunked backend's form); the Triton kernels take a per-key g only."""
     _shape("q", q, 4, "[B, T, H, K]")
     _shape("k", k, 4, "[B, T, Hkv, K]")
     _shape("v", v, 4, "[B, T, Hkv, V]")
     _shape("g", g, 4, "[B, T, Hkv, K]")
+    g_shape = tuple(g.shape)  # as given, for the messages
+    if per_head_decay and g.shape[-1] == 1 and k.shape[-1] != 1:
+        g = g.expand(*g.shape[:-1], k.shape[-1])  # a view: the checks below as for a per-key decay
     B, T, H, K = q.shape
     if k.shape[:2] != (B, T) or v.shape[:2] != (B, T) or g.shape[:2] != (B, T):
         raise ValueError(
             f"q, k, v, g must share batch and time: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-            f"v {tuple(v.shape)}, g {tuple(g.shape)}"
+            f"v {tuple(v.shape)}, g {g_shape}"
         )
     Hkv = k.shape[2]
     if k.shape[3] != K or g.shape != k.shape:
-        raise ValueError(f"k and g must be [B, T, Hkv, {K}], got k {tuple(k.shape)}, g {tuple(g.shape)}")
+        one = " or [B, T, Hkv, 1] (one decay per head)" if per_head_decay else ""
+        raise ValueError(f"k and g must be [B, T, Hkv, {K}]{one}, got k {tuple(k.shape)}, g {g_shape}")
     if v.shape[2] != Hkv:
         raise ValueError(f"v must have {Hkv} heads like k, got {tuple(v.shape)}")
     if H % Hkv != 0:
