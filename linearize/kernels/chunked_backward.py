@@ -123,13 +123,15 @@ default recipe's shapes (T 2048, C 64, K 128, H 9, Hkv 3, 1 thread, load 5.3) th
 
 
 class _GLASegment(torch.autograd.Function):
-    """``chunked._gla_chunked`` with a recomputing backward. qf [B, T, Hkv, G, K] (already scaled),
-    kf, gf [B, T, Hkv, K], vf [B, T, Hkv, V], state [B, Hkv, K, V], all fp32."""
+    """``chunked._gla_chunked`` (``scalar`` False: a decay per key dimension, gf [B, T, Hkv, K]) or
+    ``chunked._gla_chunked_scalar`` (``scalar`` True: one decay per head, gf [B, T, Hkv, 1]) with a
+    recomputing backward. qf [B, T, Hkv, G, K] (already scaled), kf [B, T, Hkv, K], vf [B, T, Hkv, V],
+    state [B, Hkv, K, V], all fp32."""
 
     @staticmethod
-    def forward(ctx, qf, kf, vf, gf, state, chunk_size):
-        o, final = _forward(_gla_chunked, qf, kf, vf, gf, state, chunk_size)
-        ctx.chunk_size = chunk_size
+    def forward(ctx, qf, kf, vf, gf, state, chunk_size, scalar):
+        o, final = _forward(_gla_chunked_scalar if scalar else _gla_chunked, qf, kf, vf, gf, state, chunk_size)
+        ctx.chunk_size, ctx.scalar = chunk_size, scalar
         ctx.save_for_backward(qf, kf, vf, gf, state, final)
         return o, final
 
@@ -137,13 +139,14 @@ class _GLASegment(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do, dfinal):
         qf, kf, vf, gf, state, final = ctx.saved_tensors
-        grads = _gla_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, ctx.chunk_size)
-        return (*grads, None)
+        grad_fn = _gla_scalar_segment_backward if ctx.scalar else _gla_segment_backward
+        grads = grad_fn(qf, kf, vf, gf, state, final, do, dfinal, ctx.chunk_size)
+        return (*grads, None, None)
 
 
 def gla_chunked(qf, kf, vf, gf, state, chunk_size):
     """Drop-in for ``chunked._gla_chunked`` that saves only its inputs for the backward."""
-    return _GLASegment.apply(qf, kf, vf, gf, state, chunk_size)
+    return _GLASegment.apply(qf, kf, vf, gf, state, chunk_size, False)
 
 
 def gla_chunked_checkpointed(qf, kf, vf, gf, state, chunk_size):
@@ -247,29 +250,9 @@ def _gla_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, chunk_size):
     return dq, dk, dv, dg, dstate
 
 
-class _GLAScalarSegment(torch.autograd.Function):
-    """``chunked._gla_chunked_scalar`` (one decay per head) with a recomputing backward. qf
-    [B, T, Hkv, G, K] (already scaled), kf [B, T, Hkv, K], vf [B, T, Hkv, V], gf [B, T, Hkv, 1],
-    state [B, Hkv, K, V], all fp32."""
-
-    @staticmethod
-    def forward(ctx, qf, kf, vf, gf, state, chunk_size):
-        o, final = _forward(_gla_chunked_scalar, qf, kf, vf, gf, state, chunk_size)
-        ctx.chunk_size = chunk_size
-        ctx.save_for_backward(qf, kf, vf, gf, state, final)
-        return o, final
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do, dfinal):
-        qf, kf, vf, gf, state, final = ctx.saved_tensors
-        grads = _gla_scalar_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, ctx.chunk_size)
-        return (*grads, None)
-
-
 def gla_chunked_scalar(qf, kf, vf, gf, state, chunk_size):
     """Drop-in for ``chunked._gla_chunked_scalar`` that saves only its inputs for the backward."""
-    return _GLAScalarSegment.apply(qf, kf, vf, gf, state, chunk_size)
+    return _GLASegment.apply(qf, kf, vf, gf, state, chunk_size, True)
 
 
 def _gla_scalar_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, chunk_size):
