@@ -282,13 +282,9 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
-def test_reload_in_fresh_process_without_package(tmp_path):
-    config = ConversionConfig(window=4, normalizer="shared", linear_span="beyond_window", keep_softmax_layers=[0])
-    model = _converted("qwen3", config)
-    ids = torch.randint(0, VOCAB, (1, 13))
-    with torch.no_grad():
-        expected = model(ids).logits
-    folder = linearize.save_converted(model, tmp_path / "ckpt")
+def logits_in_fresh_process(folder, ids: torch.Tensor, tmp_path) -> torch.Tensor:
+    """The logits a saved checkpoint gives for ``ids`` when loaded with trust_remote_code in a fresh
+    Python process where ``linearize`` cannot be imported (the exported flat files only)."""
     torch.save(ids, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
@@ -296,7 +292,17 @@ def test_reload_in_fresh_process_without_package(tmp_path):
         [sys.executable, "-c", FRESH_PROCESS, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
         check=True, cwd=tmp_path, env=env, timeout=300,
     )
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=0, rtol=0)
+    return torch.load(tmp_path / "out.pt")
+
+
+def test_reload_in_fresh_process_without_package(tmp_path):
+    config = ConversionConfig(window=4, normalizer="shared", linear_span="beyond_window", keep_softmax_layers=[0])
+    model = _converted("qwen3", config)
+    ids = torch.randint(0, VOCAB, (1, 13))
+    with torch.no_grad():
+        expected = model(ids).logits
+    folder = linearize.save_converted(model, tmp_path / "ckpt")
+    torch.testing.assert_close(logits_in_fresh_process(folder, ids, tmp_path), expected, atol=0, rtol=0)
 
 
 def test_saved_code_is_what_the_process_loaded_not_what_is_on_disk_now(tmp_path, monkeypatch):

@@ -6,14 +6,16 @@ merge, attention transfer), with the settings it refuses refused clearly."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_convert import CACHE_KW, FRESH_PROCESS, _cache_of, _prefill_then_decode
+from test_convert import (
+    CACHE_KW,
+    _cache_of,
+    _prefill_then_decode,
+    logits_in_fresh_process,
+)
 from tiny_models import ARCHS, VOCAB, tiny_model, tiny_recipe, tiny_teacher
 from tiny_tokenizer import byte_tokenizer
 from transformers import AutoModelForCausalLM
@@ -273,14 +275,7 @@ def test_reload_in_fresh_process_without_package(tmp_path):
         expected = model(ids).logits
     folder = linearize.save_converted(model, tmp_path / "ckpt")
     assert (folder / "linearize_kernels_delta_chunked.py").is_file()
-    torch.save(ids, tmp_path / "ids.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        check=True, cwd=tmp_path, env=env, timeout=300,
-    )
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=0, rtol=0)
+    torch.testing.assert_close(logits_in_fresh_process(folder, ids, tmp_path), expected, atol=0, rtol=0)
 
 
 def test_beta_projection_trains_in_attention_transfer():

@@ -351,22 +351,11 @@ def test_exported_code_runs_the_scalar_form_in_a_fresh_process(tmp_path):
     """The checkpoint's flat runtime files (``linearize.export``) carry the scalar-decay form: a
     model with the default recipe's conversion reloads through ``trust_remote_code`` in a process
     without the package and gives identical logits (T spans several chunks)."""
-    import os
-    import subprocess
-    import sys
-
-    from test_convert import FRESH_PROCESS
+    from test_convert import logits_in_fresh_process
 
     model = _model().eval()
     ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = model(ids).logits
     folder = linearize.save_converted(model, tmp_path / "ckpt")
-    torch.save(ids, tmp_path / "ids.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        check=True, cwd=tmp_path, env=env, timeout=300,
-    )
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=0, rtol=0)
+    torch.testing.assert_close(logits_in_fresh_process(folder, ids, tmp_path), expected, atol=0, rtol=0)
