@@ -222,12 +222,7 @@ def _gla_chunked(qf, kf, vf, gf, state, chunk_size):
     # Inter-chunk: a sequential scan over chunk states.
     to_end = (rest + after[..., None, :]).reshape(B, Hkv, n, C, K)  # [B, Hkv, n, C, K] after j, to the chunk end
     update = torch.einsum("bhnck,bhncv->bhnkv", kc * to_end.exp(), vc)  # [B, Hkv, n, K, V]
-    chunk_decay = total.sum(dim=3).exp()  # [B, Hkv, n, K]
-    starts = []
-    for i in range(n):
-        starts.append(state)
-        state = state * chunk_decay[:, :, i, :, None] + update[:, :, i]  # [B, Hkv, K, V]
-    start_states = torch.stack(starts, dim=2)  # [B, Hkv, n, K, V]
+    start_states, state = _chunk_starts(state, total.sum(dim=3), update)  # [B, Hkv, n, K, V]
     from_start = gc.cumsum(dim=3)  # [B, Hkv, n, C, K] chunk start to i, inclusive
     o_inter = torch.einsum("bhgnck,bhnkv->bhgncv", qc * from_start.exp()[:, :, None], start_states)  # [B, Hkv, G, n, C, V]
 

@@ -115,6 +115,20 @@ def _forward(fn, *args):
 # ------------------------------------------------------------------------------------------------
 
 
+def _chunk_end_grads(state, dfinal, total, into):
+    """The reverse of ``chunked._chunk_starts``: the gradient of the state at each chunk's end
+    [B, Hkv, n, K, V] and of the initial state [B, Hkv, K, V], from the final state's gradient
+    (None: zero), the chunks' log decays ``total`` [B, Hkv, n, 1 or K] and ``into`` [B, Hkv, n, K, V],
+    what each chunk's reads of its start state send back."""
+    chunk_decay = total.exp()[..., None]  # [B, Hkv, n, 1 or K, 1]
+    ds = dfinal.float() if dfinal is not None else torch.zeros_like(state)
+    ends = [None] * into.shape[2]
+    for i in range(into.shape[2] - 1, -1, -1):
+        ends[i] = ds
+        ds = ds * chunk_decay[:, :, i] + into[:, :, i]
+    return torch.stack(ends, dim=2), ds
+
+
 BACKWARD_SUB_CHUNK_SIZE = 8
 """Sub-chunk length c of the GLA backward (it recomputes everything, so it need not be the forward's
 16): its exact diagonal blocks cost O(T·c·K), the factored off-diagonal ones O(T·C·K / c). At the
@@ -216,24 +230,13 @@ def _gla_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, chunk_size):
     e_end = (rest + after[..., None, :]).reshape(B, Hkv, n, C, K).exp()  # [B, Hkv, n, C, K] after j, to the chunk end
     k_end = kc * e_end
     update = torch.einsum("bhnck,bhncv->bhnkv", k_end, vc)  # [B, Hkv, n, K, V]
-    chunk_decay = total.sum(dim=3).exp()  # [B, Hkv, n, K]
-    s = state
-    starts = []
-    for i in range(n):
-        starts.append(s)
-        s = s * chunk_decay[:, :, i, :, None] + update[:, :, i]
-    start_states = torch.stack(starts, dim=2)  # [B, Hkv, n, K, V]
+    chunk_total = total.sum(dim=3)  # [B, Hkv, n, K] each chunk's log decay
+    start_states, _ = _chunk_starts(state, chunk_total, update)  # [B, Hkv, n, K, V]
     e_start = gc.cumsum(dim=3).exp()[:, :, None]  # [B, Hkv, 1, n, C, K]
     q_start = qc * e_start  # [B, Hkv, G, n, C, K]
     dqc = dqc + torch.einsum("bhgncv,bhnkv->bhgnck", doc, start_states) * e_start
     into = torch.einsum("bhgnck,bhgncv->bhnkv", q_start, doc)  # [B, Hkv, n, K, V] each chunk's reads of its start state
-    ds = dfinal.float() if dfinal is not None else torch.zeros_like(state)
-    ends = [None] * n
-    for i in range(n - 1, -1, -1):
-        ends[i] = ds
-        ds = ds * chunk_decay[:, :, i, :, None] + into[:, :, i]
-    dstate = ds  # [B, Hkv, K, V]
-    end_grads = torch.stack(ends, dim=2)  # [B, Hkv, n, K, V] gradient of the state at each chunk's end
+    end_grads, dstate = _chunk_end_grads(state, dfinal, chunk_total, into)  # [B, Hkv, n, K, V], [B, Hkv, K, V]
     dk = dk + torch.einsum("bhncv,bhnkv->bhnck", vc, end_grads) * e_end
     dv = dv + torch.einsum("bhnck,bhnkv->bhncv", k_end, end_grads)
 
@@ -274,14 +277,7 @@ def _gla_scalar_segment_backward(qf, kf, vf, gf, state, final, do, dfinal, chunk
 
     # Reverse scan: the gradient of the state at each chunk's end.
     into = torch.matmul(q_start.transpose(-1, -2), doc)  # [B, Hkv, n, K, V] each chunk's reads of its start
-    chunk_decay = total.exp()[..., None]  # [B, Hkv, n, 1, 1]
-    ds = dfinal.float() if dfinal is not None else torch.zeros_like(state)
-    ends = [None] * n
-    for i in range(n - 1, -1, -1):
-        ends[i] = ds
-        ds = ds * chunk_decay[:, :, i] + into[:, :, i]
-    dstate = ds  # [B, Hkv, K, V]
-    end_grads = torch.stack(ends, dim=2)  # [B, Hkv, n, K, V]
+    end_grads, dstate = _chunk_end_grads(state, dfinal, total, into)  # [B, Hkv, n, K, V], [B, Hkv, K, V]
 
     decay_g = decay[:, :, :, None]  # [B, Hkv, n, 1, C, C] broadcast over the G query groups
     a = (torch.matmul(qc, kc.transpose(-1, -2)).unflatten(3, (G, -1)) * decay_g).flatten(3, 4)  # [B, Hkv, n, G*C, C]
