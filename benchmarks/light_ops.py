@@ -29,6 +29,7 @@ Results: benchmarks/results/memory_cpu.md.
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import sys
 import time
@@ -70,66 +71,73 @@ def use_mlp(mode: str) -> None:
     lora.LIGHT_MLP = {"light": True, "keep": False}[mode]
 
 
+PARTS = ("fwd", "bwd", "fwd cpu", "bwd cpu")
+
+
+def _gla_inputs(T: int, decay_dims: int):
+    """The GLA op's inputs at the default recipe's shapes; g [1, T, 3, ``decay_dims``]."""
+    q = torch.randn(1, T, 9, 128).softmax(-1).requires_grad_()  # [B, T, H, 2D] hedgehog features
+    k = torch.randn(1, T, 3, 128).softmax(-1).requires_grad_()  # [B, T, Hkv, 2D]
+    v = torch.randn(1, T, 3, 65).requires_grad_()  # [B, T, Hkv, D + 1] shared denominator column
+    shift = 4 if decay_dims == 1 else 0  # the learned gate's decays sit nearer 1
+    g = (F.logsigmoid(torch.randn(1, T, 3, decay_dims) + shift) / 16).requires_grad_()
+    return q, k, v, g
+
+
+def _time_forward_backward(run, into: dict, key) -> None:
+    """Append the wall and this process's CPU time of ``run()`` and of its backward to ``into[key, part]``."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    o = run()
+    t1, c1 = time.perf_counter(), time.process_time()
+    o.backward(torch.ones_like(o))
+    t2, c2 = time.perf_counter(), time.process_time()
+    for part, dt in zip(PARTS, (t1 - t0, t2 - t1, c1 - c0, c2 - c1)):
+        into[key, part].append(dt)
+
+
+def _print_medians(label: str, times: dict, key, repeats: int, T: int) -> None:
+    m = {part: statistics.median(times[key, part]) * 1e3 for part in PARTS}
+    print(f"{label}: forward {m['fwd']:6.1f} ms (cpu {m['fwd cpu']:6.1f}), backward "
+          f"{m['bwd']:6.1f} ms (cpu {m['bwd cpu']:6.1f}), total {m['fwd'] + m['bwd']:6.1f} ms "
+          f"(cpu {m['fwd cpu'] + m['bwd cpu']:6.1f}); median of {repeats}, T={T}")
+
+
 def time_ops(T: int, repeats: int, variants: list[str]) -> None:
     """Forward and backward of both ops, the variants interleaved (shared machine: same conditions).
     Prints medians of wall time and of this process's CPU time (less sensitive to other jobs)."""
     torch.manual_seed(0)
-    q = torch.randn(1, T, 9, 128).softmax(-1).requires_grad_()  # [B, T, H, 2D] hedgehog features
-    k = torch.randn(1, T, 3, 128).softmax(-1).requires_grad_()  # [B, T, Hkv, 2D]
-    v = torch.randn(1, T, 3, 65).requires_grad_()  # [B, T, Hkv, D + 1] shared denominator column
-    g = (F.logsigmoid(torch.randn(1, T, 3, 128)) / 16).requires_grad_()
+    q, k, v, g = _gla_inputs(T, 128)
     qr = torch.randn(1, T, 9, 64).requires_grad_()  # [B, T, H, D]
     kr, vr = torch.randn(1, T, 3, 64).requires_grad_(), torch.randn(1, T, 3, 64).requires_grad_()
     ops = {
         "gla": lambda: chunked.gated_linear_attention(q, k, v, g, scale=1.0)[0],
         "swa": lambda: chunked.sliding_window_attention(qr, kr, vr, window=128)[0],
     }
-    times = {(v_, op, part): [] for v_ in variants for op in ops for part in ("fwd", "bwd", "fwd cpu", "bwd cpu")}
+    times = collections.defaultdict(list)
     for _ in range(repeats):
         for variant in variants:
             use(variant)
             for name, run in ops.items():
-                t0, c0 = time.perf_counter(), time.process_time()
-                o = run()
-                t1, c1 = time.perf_counter(), time.process_time()
-                o.backward(torch.ones_like(o))
-                t2, c2 = time.perf_counter(), time.process_time()
-                for part, dt in (("fwd", t1 - t0), ("bwd", t2 - t1), ("fwd cpu", c1 - c0), ("bwd cpu", c2 - c1)):
-                    times[variant, name, part].append(dt)
+                _time_forward_backward(run, times, (variant, name))
     for variant in variants:
         for name in ops:
-            m = {part: statistics.median(times[variant, name, part]) * 1e3 for part in ("fwd", "bwd", "fwd cpu", "bwd cpu")}
-            print(f"{variant:10s} {name}: forward {m['fwd']:6.1f} ms (cpu {m['fwd cpu']:6.1f}), backward "
-                  f"{m['bwd']:6.1f} ms (cpu {m['bwd cpu']:6.1f}), total {m['fwd'] + m['bwd']:6.1f} ms "
-                  f"(cpu {m['fwd cpu'] + m['bwd cpu']:6.1f}); median of {repeats}, T={T}")
+            _print_medians(f"{variant:10s} {name}", times, (variant, name), repeats, T)
 
 
 def time_scalar_decay(T: int, repeats: int) -> None:
     """Forward and backward of the GLA op with one decay per head, in the scalar-decay form and
     expanded to the per-key form (``chunked.SCALAR_DECAY``), interleaved; medians as ``time_ops``."""
     torch.manual_seed(0)
-    q = torch.randn(1, T, 9, 128).softmax(-1).requires_grad_()  # [B, T, H, 2D] hedgehog features
-    k = torch.randn(1, T, 3, 128).softmax(-1).requires_grad_()  # [B, T, Hkv, 2D]
-    v = torch.randn(1, T, 3, 65).requires_grad_()  # [B, T, Hkv, D + 1] shared denominator column
-    g = (F.logsigmoid(torch.randn(1, T, 3, 1) + 4) / 16).requires_grad_()  # [B, T, Hkv, 1] learned gate
+    q, k, v, g = _gla_inputs(T, 1)  # g [B, T, Hkv, 1]: the learned gate
     forms = {"scalar": True, "per-key": False}
-    times = {(form, part): [] for form in forms for part in ("fwd", "bwd", "fwd cpu", "bwd cpu")}
+    times = collections.defaultdict(list)
     for _ in range(repeats):
         for form, scalar in forms.items():
             chunked.SCALAR_DECAY = scalar
-            t0, c0 = time.perf_counter(), time.process_time()
-            o = chunked.gated_linear_attention(q, k, v, g, scale=1.0)[0]
-            t1, c1 = time.perf_counter(), time.process_time()
-            o.backward(torch.ones_like(o))
-            t2, c2 = time.perf_counter(), time.process_time()
-            for part, dt in (("fwd", t1 - t0), ("bwd", t2 - t1), ("fwd cpu", c1 - c0), ("bwd cpu", c2 - c1)):
-                times[form, part].append(dt)
+            _time_forward_backward(lambda: chunked.gated_linear_attention(q, k, v, g, scale=1.0)[0], times, form)
     chunked.SCALAR_DECAY = True
     for form in forms:
-        m = {part: statistics.median(times[form, part]) * 1e3 for part in ("fwd", "bwd", "fwd cpu", "bwd cpu")}
-        print(f"gla per-head decay, {form:8s}: forward {m['fwd']:6.1f} ms (cpu {m['fwd cpu']:6.1f}), backward "
-              f"{m['bwd']:6.1f} ms (cpu {m['bwd cpu']:6.1f}), total {m['fwd'] + m['bwd']:6.1f} ms "
-              f"(cpu {m['fwd cpu'] + m['bwd cpu']:6.1f}); median of {repeats}, T={T}")
+        _print_medians(f"gla per-head decay, {form:8s}", times, form, repeats, T)
 
 
 def main() -> None:
