@@ -16,7 +16,7 @@ from test_convert import (
     _prefill_then_decode,
     logits_in_fresh_process,
 )
-from tiny_models import ARCHS, VOCAB, tiny_model, tiny_recipe, tiny_teacher
+from tiny_models import ARCHS, VOCAB, tiny_config, tiny_model, tiny_recipe, tiny_teacher
 from tiny_tokenizer import byte_tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -362,3 +362,25 @@ def test_smollm2_delta_conversion_invariants(tmp_path):
         folder = linearize.save_converted(model, tmp_path / "smol", tokenizer)
         reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
         torch.testing.assert_close(reloaded(ids).logits, full, atol=0, rtol=0)
+
+
+def test_write_strength_benchmark_reads_every_delta_layer(tmp_path):
+    """benchmarks/delta_write_strength loads a saved delta checkpoint (trust_remote_code) and reads β of
+    every converted layer on held-out text: β = DELTA_BETA_INIT everywhere before any training."""
+    pytest.importorskip("gensim")
+    from benchmarks.delta_write_strength import write_strengths
+
+    tokenizer = byte_tokenizer()
+    config = tiny_config("llama")
+    config.vocab_size = len(tokenizer)  # every byte of the held-out text is a token id the model has
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = linearize.convert(teacher, ConversionConfig(**DELTA, keep_softmax_layers=[0]))
+    folder = linearize.save_converted(model, tmp_path / "ckpt")
+    tokenizer.save_pretrained(folder)
+    betas = write_strengths(str(folder), tokens=64)
+    converted = sum(isinstance(m, DeltaAttention) for m in model.modules())
+    assert converted > 0 and len(betas) == converted
+    for beta in betas:
+        assert beta.shape[1] == 64
+        torch.testing.assert_close(beta, torch.full_like(beta, DELTA_BETA_INIT))
