@@ -5,7 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linearize.train.lm_loss import IGNORE_INDEX, NO_LOGITS, capture_lm_head_input, chunked_lm_loss, shifted_labels
+from linearize.train.lm_loss import (
+    IGNORE_INDEX,
+    NO_LOGITS,
+    capture_lm_head_input,
+    chunked_lm_loss,
+    chunked_nll_sums,
+    shifted_labels,
+)
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -124,3 +131,43 @@ def test_tiny_finetune_same_losses_with_and_without_chunking(tmp_path, kl_weight
     assert full["loss"][-1] < full["loss"][0]  # it trained: the comparison is not between constants
     for key in ppl_full:
         assert ppl_chunked[key] == pytest.approx(ppl_full[key], rel=1e-5)
+
+
+def test_chunked_nll_sums_equal_full_row_sums():
+    h, w, labels, _ = _inputs(3, 37, ignore=True)
+    h = h.detach().view(3, 37, -1)
+    labels = labels.view(3, 37)
+    logits = F.linear(h, w.detach()).float()  # [3, 37, V]
+    full = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none").sum(1)
+    for chunk in (1, 8, 37, 100):
+        torch.testing.assert_close(chunked_nll_sums(h, w.detach(), labels, chunk), full, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="chunk=0"):
+        chunked_nll_sums(h, w, labels, 0)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "peft"])
+def test_held_out_nll_scores_from_hidden_states_as_the_full_logits_do(monkeypatch, wrap):
+    """The held-out loss never asks the model for logits (the LM head runs on 0 positions) and equals
+    the full-logits path; ragged last batch, PEFT-wrapped or not."""
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import tiny_model
+
+    from linearize.train import metrics
+
+    model = tiny_model("llama")
+    if wrap == "peft":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    acc = Accelerator(cpu=True)
+    blocks = torch.randint(0, model.config.vocab_size, (5, 24), generator=torch.Generator().manual_seed(0))
+    head = (model.get_base_model() if wrap == "peft" else model).get_output_embeddings()
+    positions = []
+    handle = head.register_forward_hook(lambda m, a, out: positions.append(out.shape[1]))
+    chunked = metrics.held_out_nll(model, blocks, acc, batch_size=2)
+    assert positions == [0, 0, 0]  # 3 batches (2 + 2 + 1 rows), no logits
+    monkeypatch.setattr(metrics, "_causal_lm", lambda model, accelerator: None)
+    full = metrics.held_out_nll(model, blocks, acc, batch_size=2)
+    handle.remove()
+    assert positions[3:] == [24, 24, 24]
+    assert chunked == pytest.approx(full, rel=1e-6)
+    assert metrics.held_out_nll(model, blocks, acc, batch_size=2, max_batches=1) != pytest.approx(full, rel=1e-6)

@@ -111,6 +111,20 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     return ce, kl
 
 
+@torch.no_grad()
+def chunked_nll_sums(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                     chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Per-row sums of the next-token NLL [b] (no grad), ``chunk`` positions of logits at a time.
+
+    ``hidden`` [b, T, d]: the LM head's input; ``weight`` [V, d]; ``labels`` [b, T] (``IGNORE_INDEX``:
+    not scored). Each row's sum is ``F.cross_entropy(logits.float(), reduction="sum")`` over its
+    labelled positions, accumulated per chunk (fp32 summation order aside, the same number)."""
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: need at least one position per chunk")
+    return torch.stack([_ChunkedLMLoss.apply(h, weight, lab.to(h.device), None, 1.0, int(chunk))[0]
+                        for h, lab in zip(hidden, labels)])
+
+
 def shifted_labels(ids: torch.Tensor) -> torch.Tensor:
     """Next-token labels of ``ids`` [b, T]: ids shifted left, the last position not scored ([b, T])."""
     return F.pad(ids[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -145,5 +159,5 @@ def capture_lm_head_input(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]
         handle.remove()
 
 
-__all__ = ["DEFAULT_CHUNK", "IGNORE_INDEX", "NO_LOGITS", "capture_lm_head_input", "chunked_lm_loss", "lm_head_weight",
-           "shifted_labels"]
+__all__ = ["DEFAULT_CHUNK", "IGNORE_INDEX", "NO_LOGITS", "capture_lm_head_input", "chunked_lm_loss", "chunked_nll_sums",
+           "lm_head_weight", "shifted_labels"]

@@ -8,6 +8,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
+
+from .lm_loss import NO_LOGITS, capture_lm_head_input, chunked_nll_sums, lm_head_weight, shifted_labels
 
 
 def eval_rows(num_rows: int, rank: int, world: int) -> tuple[list[int], list[float]]:
@@ -32,20 +35,45 @@ def eval_batches(blocks: torch.Tensor, accelerator, batch_size: int, max_batches
         count += 1
 
 
+def _causal_lm(model: nn.Module, accelerator) -> nn.Module | None:
+    """The transformers causal LM inside ``model`` (accelerate / PEFT wrappers removed) when the
+    held-out loss can be scored from its hidden states; None under FSDP (flat parameters are only
+    whole inside the wrapped forward) or for a model without a plain LM head."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return None
+    lm = accelerator.unwrap_model(model)
+    lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    if not (hasattr(lm, "get_decoder") and hasattr(lm, "get_output_embeddings")):
+        return None
+    return lm if lm_head_weight(lm) is not None else None
+
+
 @torch.no_grad()
 def held_out_nll(model: nn.Module, blocks: torch.Tensor, accelerator, batch_size: int,
                  max_batches: int | None = None) -> float:
-    """Mean next-token negative log-likelihood per token over ``blocks``, all processes together."""
+    """Mean next-token negative log-likelihood per token over ``blocks``, all processes together.
+
+    Scored from the decoder's hidden states through the LM head a chunk of positions at a time
+    (``lm_loss.chunked_nll_sums``): never the [b, T, vocab] logits and their fp32 / log-softmax
+    copies, which at a 262K vocabulary are 2 GB per copy for one 2,048-token block. A model whose
+    logits are not its LM head's plain product (soft-capping, a wrapped head) uses its own logits."""
     was_training = model.training
     model.eval()
+    lm = _causal_lm(model, accelerator)
+    weight = None if lm is None else lm_head_weight(lm)
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [nll sum, tokens]
     for ids, w in eval_batches(blocks, accelerator, batch_size, max_batches):
-        logits = model(input_ids=ids, use_cache=False).logits  # [b, T, V]
-        nll = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
-        ).view(ids.shape[0], -1)  # [b, T-1]
-        total[0] += (nll.sum(1).double() * w).sum()
-        total[1] += (w * nll.shape[1]).sum()
+        if weight is not None:
+            with capture_lm_head_input(lm) as box:
+                model(input_ids=ids, use_cache=False, logits_to_keep=NO_LOGITS.to(ids.device))
+            nll_sum = chunked_nll_sums(box.pop("hidden"), weight, shifted_labels(ids))  # [b]
+        else:
+            logits = model(input_ids=ids, use_cache=False).logits  # [b, T, V]
+            nll_sum = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
+            ).view(ids.shape[0], -1).sum(1)  # [b]
+        total[0] += (nll_sum.double() * w).sum()
+        total[1] += (w * (ids.shape[1] - 1)).sum()
     model.train(was_training)
     total = accelerator.reduce(total, "sum")
     return (total[0] / total[1]).item()
