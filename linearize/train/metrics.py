@@ -10,7 +10,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
 
-from .lm_loss import NO_LOGITS, capture_lm_head_input, chunked_nll_sums, lm_head_weight, shifted_labels
+from .lm_loss import (
+    NO_LOGITS,
+    capture_lm_head_input,
+    chunked_nll_sums,
+    lm_head_weight,
+    shifted_labels,
+)
 
 
 def eval_rows(num_rows: int, rank: int, world: int) -> tuple[list[int], list[float]]:
