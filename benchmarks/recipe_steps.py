@@ -1,12 +1,12 @@
 """A few LoRA steps of each CPU recipe: peak RSS, tokens/s and CPU time, before / after by code tree.
 
     python -m benchmarks.recipe_steps [RECIPE ...] [--steps 4] [--max-tokens 40000] [--rounds 1]
-        [--code before=/tmp/before --code after=.] [--breakdown] [--out benchmarks/results/recipe_steps.json]
+        [--code before=/tmp/before --code after=.] [--set KEY=VALUE ...] [--breakdown] [--out runs.json]
 
 RECIPE defaults to every ``recipes/*-cpu*.yaml``. Each run is
 
     linearize finetune RECIPE 'stages=[lora]' lora.max_steps=STEPS data.max_tokens=MAX_TOKENS
-        train.eval_batches=1 train.tensorboard=false output_dir=<a temporary folder>
+        train.eval_batches=1 train.tensorboard=false output_dir=<a temporary folder> [--set overrides]
 
 in a fresh process whose working directory is a temporary folder (``python -c`` puts the working
 directory first on ``sys.path``) and whose ``PYTHONPATH`` is the code tree of its variant: another
@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=40000, help="tokens of training data to prepare (default 40000)")
     p.add_argument("--rounds", type=int, default=1, help="rounds of alternated variants (default 1)")
     p.add_argument("--code", action="append", metavar="NAME=PATH", help="a code tree to run, repeatable (default: this one)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override for every run, repeatable (e.g. data.seq_len=1024)")
     p.add_argument("--breakdown", action="store_true", help="also where one step's memory goes, per recipe (current tree)")
     p.add_argument("--logs", type=Path, help="keep each run's log in this folder")
     p.add_argument("--out", type=Path, help="write every run's numbers here (JSON)")
@@ -167,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(1, args.rounds + 1):
         for recipe in recipes:
             for variant, tree in code.items():
-                run = run_once(recipe, variant, tree, round_, args.steps, args.max_tokens, log_dir=args.logs)
+                run = run_once(recipe, variant, tree, round_, args.steps, args.max_tokens, log_dir=args.logs,
+                               extra=tuple(args.set))
                 print(f"round {round_} {recipe.name} {variant}: {run.peak_rss_gb:.2f} GB, {run.tokens_per_s:.1f} tokens/s, "
                       f"load {run.load_before} -> {run.load_after}", flush=True)
                 runs.append(run)

@@ -261,18 +261,26 @@ def test_light_mlps_probe_draws_no_random_numbers():
 def test_finetune_is_the_same_with_every_memory_saver(tmp_path, monkeypatch):
     """Both stages of a tiny finetune (attention transfer, then LoRA with the KL term) with the layers'
     recompute, the light MLPs and the heap trimmed after every layer give the same losses at every
-    step and the same held-out perplexities as with none of them."""
+    step and the same held-out perplexities as with none of them; with the trimming on, the heap is
+    also trimmed before each stage and before the final evaluation."""
+    import importlib
+
     from tiny_models import tiny_recipe, tiny_teacher
     from tiny_tokenizer import byte_tokenizer
 
-    from linearize.train import finetune, lora
+    from linearize.train import finetune, lora, memory
 
+    finetune_module = importlib.import_module("linearize.train.finetune")
+    boundary_trims = []
+    monkeypatch.setattr(finetune_module, "trim_heap", lambda: boundary_trims.append(memory.trim_heap()))
     runs = []
     for on in (False, True):
         monkeypatch.setattr(hybrid, "RECOMPUTE_IN_BACKWARD", on)
         monkeypatch.setattr(lora, "LIGHT_MLP", on)
         recipe = tiny_recipe(tmp_path, f"run{on}", f"train.malloc_trim_every={int(on)}")
         runs.append(finetune(recipe, model=tiny_teacher(), tokenizer=byte_tokenizer()).summary)
+        assert len(boundary_trims) == (3 if on else 0)  # attention transfer, LoRA, the final evaluation
+    assert boundary_trims == [memory._malloc_trim() is not None] * 3  # glibc here: each trim ran
     off, on = runs
     for stage in ("attention_transfer", "lora"):
         assert off["stages"][stage]["history"] == on["stages"][stage]["history"], stage

@@ -32,7 +32,8 @@ def test_two_trees_alternate_and_report_the_childs_numbers(tmp_path, capsys):
     out = tmp_path / "runs.json"
     logs = tmp_path / "logs"
     assert recipe_steps.main([str(recipe), "--steps", "2", "--max-tokens", "4000", "--code", f"a={recipe_steps.REPO}",
-                              "--code", f"b={recipe_steps.REPO}", "--logs", str(logs), "--out", str(out)]) == 0
+                              "--code", f"b={recipe_steps.REPO}", "--logs", str(logs), "--out", str(out),
+                              "--set", "train.log_every=2"]) == 0
     runs = json.loads(out.read_text())
     assert [r["variant"] for r in runs] == ["a", "b"]
     for r in runs:
@@ -43,7 +44,8 @@ def test_two_trees_alternate_and_report_the_childs_numbers(tmp_path, capsys):
     assert runs[0]["first_ce"] == runs[1]["first_ce"] and runs[0]["final_ce"] == runs[1]["final_ce"]
     assert runs[0]["finetuned_perplexity"] == runs[1]["finetuned_perplexity"]
     assert sorted(p.name for p in logs.iterdir()) == ["tiny-cpu-a-1.log", "tiny-cpu-b-1.log"]
-    assert "lora step 2/2" in (logs / "tiny-cpu-a-1.log").read_text()  # the overrides reached the run
+    log = (logs / "tiny-cpu-a-1.log").read_text()
+    assert "lora step 2/2" in log and "lora step 1/2" not in log  # the script's and --set's overrides reached the run
     printed = capsys.readouterr().out
     assert "| tiny-cpu.yaml | a | 1 |" in printed and "| tiny-cpu.yaml | b | 1 |" in printed
 

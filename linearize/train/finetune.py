@@ -35,6 +35,7 @@ from ..recipe import Recipe
 from ..sources import load_teacher, model_max_length
 from .loop import Run, RunLogger, StepCallback, flat_scalars, run_stage
 from .lora import Lora, merge, rebuild_peft_model, save_adapter
+from .memory import trim_heap
 from .metrics import held_out_nll
 from .optim import schedule_plan
 from .state import (
@@ -238,6 +239,8 @@ def _train(recipe, accelerator, log, out, checkpoints, plan, model, tokenizer, c
         if state.stages[name].done and name == "attention_transfer":
             continue
         set_seed(tc.seed + 1 + index)  # LoRA init etc. do not depend on where a run was resumed
+        if tc.malloc_trim_every:
+            trim_heap()  # the stage starts from the bytes in use, not the last phase's free pages
         if name == "attention_transfer":
             stage = AttentionTransfer(run, model, stage_resume)
             run_stage(run, stage)
@@ -252,6 +255,8 @@ def _finish(run: Run, model, lora: Lora | None, tokenizer, out: Path, model_cls,
     acc, state, recipe = run.acc, run.state, run.recipe
     batch, tc = run.per_device_batch, recipe.train
     adapter_dir = None
+    if tc.malloc_trim_every:
+        trim_heap()  # the final evaluation, merge and export start from the bytes in use
     if lora is not None:
         prepared = lora.prepared
         if run.data.validation is not None:

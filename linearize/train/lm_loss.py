@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-# Positions per chunk: [512, 49152] fp32 logits are 100 MB; a few such buffers are alive per chunk.
-DEFAULT_CHUNK = 512
+# Positions per chunk: [256, 49152] fp32 logits are 50 MB; a few such buffers are alive per chunk.
+DEFAULT_CHUNK = 256
 # ``logits_to_keep`` that makes a transformers causal LM apply its LM head to no position.
 NO_LOGITS = torch.empty(0, dtype=torch.long)
 

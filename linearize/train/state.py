@@ -33,12 +33,13 @@ CHECKPOINT_PREFIX = "step-"
 RUN_KIND = "finetune-run"
 """Marker kind (``linearize.outputs.write_marker``) of a finetune's ``output_dir``."""
 
-# Recipe keys a resumed run may change: they alter neither shapes, data order nor optimiser state.
+# Recipe keys a resumed run may change: they alter neither shapes, data order nor optimiser state
+# (the loss's chunk changes only the fp32 summation order).
 # ``<stage>.max_steps``/``<stage>.epochs`` extend (or shorten, if not yet reached) a stage.
 RESUMABLE_KEYS = (
     "output_dir", "accelerate_config", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.save_every", "train.keep_checkpoints", "train.tensorboard", "train.gradient_checkpointing",
-    "train.malloc_trim_every",
+    "train.malloc_trim_every", "lora.lm_loss_chunk",
 )
 STAGE_LENGTH_KEYS = ("max_steps", "epochs")
 
