@@ -40,6 +40,20 @@ def glibc() -> ctypes.CDLL | None:
     return libc if libc is not None and hasattr(libc, "gnu_get_libc_version") else None
 
 
+def trim_heap() -> bool:
+    """Hand glibc's free heap pages back to the OS now (``malloc_trim(0)``); False without glibc.
+
+    Where freed memory is retained (the ``linearize`` command's allocator setting), a phase that
+    starts after a trim has its own peak RSS, not the previous phase's free pages on top of it: a
+    finetune with ``train.malloc_trim_every`` trims before each stage and the final evaluation,
+    ``linearize bench`` before each measurement."""
+    libc = glibc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
 def missing_modules(modules: tuple[str, ...] | list[str]) -> list[str]:
     """The import names in ``modules`` that are not installed (found without importing them)."""
     missing = []

@@ -268,11 +268,12 @@ def test_finetune_is_the_same_with_every_memory_saver(tmp_path, monkeypatch):
     from tiny_models import tiny_recipe, tiny_teacher
     from tiny_tokenizer import byte_tokenizer
 
-    from linearize.train import finetune, lora, memory
+    from linearize import environment
+    from linearize.train import finetune, lora
 
     finetune_module = importlib.import_module("linearize.train.finetune")
     boundary_trims = []
-    monkeypatch.setattr(finetune_module, "trim_heap", lambda: boundary_trims.append(memory.trim_heap()))
+    monkeypatch.setattr(finetune_module, "trim_heap", lambda: boundary_trims.append(environment.trim_heap()))
     runs = []
     for on in (False, True):
         monkeypatch.setattr(hybrid, "RECOMPUTE_IN_BACKWARD", on)
@@ -280,7 +281,7 @@ def test_finetune_is_the_same_with_every_memory_saver(tmp_path, monkeypatch):
         recipe = tiny_recipe(tmp_path, f"run{on}", f"train.malloc_trim_every={int(on)}")
         runs.append(finetune(recipe, model=tiny_teacher(), tokenizer=byte_tokenizer()).summary)
         assert len(boundary_trims) == (3 if on else 0)  # attention transfer, LoRA, the final evaluation
-    assert boundary_trims == [memory._malloc_trim() is not None] * 3  # glibc here: each trim ran
+    assert boundary_trims == [environment.glibc() is not None] * 3  # glibc here: each trim ran
     off, on = runs
     for stage in ("attention_transfer", "lora"):
         assert off["stages"][stage]["history"] == on["stages"][stage]["history"], stage

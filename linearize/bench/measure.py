@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from linearize.config import torch_dtype
-from linearize.environment import check_device, glibc
+from linearize.environment import check_device, glibc, trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -87,15 +87,6 @@ def retain_freed_memory() -> None:
         raise ValueError("--retain-freed-memory needs glibc (Linux); leave it out on this system")
     if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
         raise ValueError("glibc refused mallopt(M_MMAP_MAX / M_TRIM_THRESHOLD); leave --retain-freed-memory out")
-
-
-def release_freed_memory() -> None:
-    """Hand the memory glibc keeps for reuse back to the OS (``malloc_trim``), so that each
-    measurement's peak RSS is its own even where freed memory is retained (the ``linearize`` command's
-    default, ``linearize.cli.allocator``). No-op without glibc."""
-    libc = glibc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 def allocator_mode(cfg: BenchConfig) -> str:
@@ -214,7 +205,7 @@ def measure_context(model, context: int, cfg: BenchConfig, device: torch.device,
     gen = torch.Generator().manual_seed(cfg.seed + context)
     row = {"context": context, "batch": cfg.batch}
     if device.type == "cpu":
-        release_freed_memory()  # this cell's peak RSS starts from what the process holds, not what it kept
+        trim_heap()  # this cell's peak RSS starts from what the process holds, not what it kept
     try:
         with torch.inference_mode(), PeakMemory(device) as mem:
             ids = _tokens(vocab, cfg.batch, context, device, gen)
@@ -251,7 +242,7 @@ def measure_throughput(model, context: int, cfg: BenchConfig, device: torch.devi
     best, tried = None, []
     batch = 1
     if device.type == "cpu":
-        release_freed_memory()
+        trim_heap()
     while batch <= cfg.max_batch:
         gen = torch.Generator().manual_seed(cfg.seed)
         try:

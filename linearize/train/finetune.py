@@ -32,10 +32,10 @@ from ..outputs import (
     FolderLock, atomic_write_json, atomic_write_text, check_output_dir, write_marker, written_by_linearize,
 )
 from ..recipe import Recipe
+from ..environment import trim_heap
 from ..sources import load_teacher, model_max_length
 from .loop import Run, RunLogger, StepCallback, flat_scalars, run_stage
 from .lora import Lora, merge, rebuild_peft_model, save_adapter
-from .memory import trim_heap
 from .metrics import held_out_nll
 from .optim import schedule_plan
 from .state import (

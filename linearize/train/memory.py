@@ -101,19 +101,6 @@ def _malloc_trim():
     return fn
 
 
-def trim_heap() -> bool:
-    """Hand glibc's free heap pages back to the OS now (``malloc_trim(0)``); False off glibc.
-
-    A finetune with ``train.malloc_trim_every`` calls it once before each stage and before the final
-    evaluation: each phase then starts from the bytes in use, not from the previous phase's free
-    pages (which the next phase's requests may not fit, so its heap grows past them)."""
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
-
-
 @contextlib.contextmanager
 def trimmed_forward(model: nn.Module, every: int) -> Iterator[int]:
     """Within the block, after every ``every``-th decoder layer's forward with grad enabled, glibc
@@ -141,4 +128,4 @@ def trimmed_forward(model: nn.Module, every: int) -> Iterator[int]:
             h.remove()
 
 
-__all__ = ["light_mlps", "trim_heap", "trimmed_forward"]
+__all__ = ["light_mlps", "trimmed_forward"]

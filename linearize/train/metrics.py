@@ -42,16 +42,13 @@ def eval_batches(blocks: torch.Tensor, accelerator, batch_size: int, max_batches
 
 
 def _causal_lm(model: nn.Module, accelerator) -> nn.Module | None:
-    """The transformers causal LM inside ``model`` (accelerate / PEFT wrappers removed) when the
-    held-out loss can be scored from its hidden states; None under FSDP (flat parameters are only
-    whole inside the wrapped forward) or for a model without a plain LM head."""
+    """The transformers causal LM inside ``model`` (accelerate / PEFT wrappers removed); None under
+    FSDP (flat parameters are only whole inside the wrapped forward) or where it is not one."""
     if accelerator.distributed_type == DistributedType.FSDP:
         return None
     lm = accelerator.unwrap_model(model)
     lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    if not (hasattr(lm, "get_decoder") and hasattr(lm, "get_output_embeddings")):
-        return None
-    return lm if lm_head_weight(lm) is not None else None
+    return lm if hasattr(lm, "get_decoder") and hasattr(lm, "get_output_embeddings") else None
 
 
 @torch.no_grad()
